@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0
+"""Judge a KUnit run by its whole kernel log, not only by KUnit's counts.
+
+Prints every problem found and ends with the line "N passed, N failed" (and
+", N skipped" when cases were skipped). Exits non-zero when a case failed, the
+kernel crashed or did not finish, or the log shows a lockdep report, BUG:,
+WARNING:, a sleep in atomic context, a KASAN or kmemleak report or a Rust panic.
+With --require-lockdep and --require-kmemleak it also requires proof, from the
+post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned.
+"""
+
+import argparse
+import re
+import sys
+
+# What must never appear in a clean log.
+BAD = [
+    (re.compile(r'BUG: '), 'BUG'),
+    (re.compile(r'WARNING: '), 'WARNING'),
+    (re.compile(r'sleeping function called from invalid context'), 'sleep in atomic context'),
+    (re.compile(r'possible recursive locking detected|possible circular locking dependency'
+                r'|inconsistent lock state|possible irq lock inversion|bad unlock balance'
+                r'|suspicious RCU usage|lock held when returning to user space'
+                r'|INFO: lockdep is turned off|turning off the locking correctness validator'),
+     'lockdep report'),
+    (re.compile(r'KASAN'), 'KASAN report'),
+    (re.compile(r'suspected memory leaks?|unreferenced object 0x'), 'kmemleak report'),
+    (re.compile(r'rust_begin_unwind|panicked at|Kernel panic'), 'panic'),
+    (re.compile(r'Oops|general protection fault|kernel BUG at|Call Trace:'), 'oops or stack dump'),
+    (re.compile(r'INFO: task .* blocked for more than'), 'hung task'),
+    (re.compile(r'Fence .* released with pending signals'), 'unsignalled fence released'),
+]
+
+# Lines that match BAD but are not reports.
+BENIGN = [
+    re.compile(r'KernelAddressSanitizer initialized'),
+    re.compile(r'kasan: '),
+    re.compile(r'jq-harness: kmemleak 0$'),
+    re.compile(r'Lock dependency validator'),
+    re.compile(r'^\s*#'),  # KTAP diagnostics of passing cases
+]
+
+RESULT = re.compile(r'^\s*(ok|not ok) \d+ (\S+)(.*)$')
+TIMESTAMP = re.compile(r'^\[\s*\d+\.\d+\]\s*')
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--post-checks', action='store_true',
+                    help='the log must contain the initramfs post-test checks')
+    ap.add_argument('--require-lockdep', action='store_true',
+                    help='lockdep must have stayed on for the whole run')
+    ap.add_argument('--require-kmemleak', action='store_true',
+                    help='a kmemleak scan must have run and found nothing')
+    ap.add_argument('--kunit-rc', type=int, default=0)
+    ap.add_argument('log')
+    args = ap.parse_args()
+
+    try:
+        with open(args.log, errors='replace') as f:
+            lines = [l.rstrip('\n') for l in f]
+    except OSError as e:
+        print(f'checklog: cannot read the kernel log: {e}')
+        print('0 passed, 1 failed')
+        return 1
+
+    problems = []
+    results = []
+    for i, line in enumerate(lines):
+        text = TIMESTAMP.sub('', line)
+        m = RESULT.match(text)
+        if m:
+            results.append((len(text) - len(text.lstrip()), m.group(1), m.group(2), m.group(3)))
+        if any(b.search(text) for b in BENIGN):
+            continue
+        for pat, what in BAD:
+            if pat.search(text):
+                problems.append(f'{what}: line {i + 1}: {text.strip()}')
+                break
+
+    # KTAP nests subtests by indentation and reports a suite (or a
+    # parameterised case) after its children: a result directly preceded by a
+    # deeper one closes a group and is not a case of its own.
+    passed = failed = skipped = 0
+    leaf = []
+    for idx, (indent, status, name, rest) in enumerate(results):
+        if idx > 0 and results[idx - 1][0] > indent:
+            continue
+        leaf.append(name)
+        if '# SKIP' in rest:
+            skipped += 1
+        elif status == 'ok':
+            passed += 1
+        else:
+            failed += 1
+            problems.append(f'failed case: {name}')
+
+    if not leaf:
+        problems.append('no KUnit results in the log: the kernel did not run the suites')
+    if args.kunit_rc != 0 and failed == 0:
+        problems.append(f'kunit.py exited with status {args.kunit_rc}')
+
+    joined = '\n'.join(lines)
+    if args.post_checks and 'jq-harness: end' not in joined:
+        problems.append('the post-test checks did not run to the end (crash or timeout?)')
+    if args.require_lockdep:
+        m = re.search(r'jq-harness: lockdep debug_locks:\s*(\d+)', joined)
+        if not m:
+            problems.append('no proof that lockdep was on: /proc/lockdep_stats was not read')
+        elif m.group(1) != '1':
+            problems.append('lockdep switched itself off during the run (debug_locks = 0)')
+    if args.require_kmemleak:
+        km = re.search(r'jq-harness: kmemleak (\d+|absent)', joined)
+        if not km or km.group(1) == 'absent':
+            problems.append('kmemleak did not scan')
+        elif km.group(1) != '0':
+            problems.append(f'kmemleak: {km.group(1)} unreferenced objects')
+
+    for p in problems:
+        print(f'checklog: {p}')
+    summary = f'{passed} passed, {failed} failed'
+    if skipped:
+        summary += f', {skipped} skipped'
+    print(summary)
+    return 1 if problems or failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,180 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# Shared helpers for the harness commands: the Debian trixie build root, the
+# pinned Linux 7.3 source, and the assembled kernel tree. Sourced, not run.
+
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${JQ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rust-jobqueue}
+MIRROR=${JQ_MIRROR:-http://deb.debian.org/debian}
+
+# The kernel series we build on: Debian's linux-source-7.3 from trixie-backports.
+KSERIES=7.3
+KPKG=linux-source-$KSERIES
+
+# Everything the build root needs. Changing this list remakes the root.
+ROOT_PKGS="build-essential bc bison flex libelf-dev libssl-dev python3 rustc
+rust-src bindgen clang lld llvm libclang-dev kmod cpio xz-utils rsync git
+rustfmt rust-clippy perl qemu-system-x86 busybox-static ca-certificates"
+
+mkdir -p "$CACHE"
+
+log() { printf '[harness] %s\n' "$*" >&2; }
+die() { printf '[harness] error: %s\n' "$*" >&2; exit 1; }
+
+# root_dir NAME EXTRA: path of the root made for NAME with EXTRA apt arguments.
+root_dir() {
+	local key
+	key=$(printf '%s\n%s\n%s\n' "$ROOT_PKGS" "$2" "$MIRROR" | sha256sum | cut -c1-12)
+	echo "$CACHE/root-$1-$key"
+}
+
+# ensure_root NAME [EXTRA_HOOK]: make the trixie root once, reuse it afterwards.
+# NAME "min" is the kernel's minimum Rust (trixie), "new" the newest Rust in
+# trixie-backports.
+ensure_root() {
+	local name=$1 extra=${2:-} dir tmp
+	dir=$(root_dir "$name" "$extra")
+	if [ -e "$dir/.complete" ]; then
+		echo "$dir"
+		return
+	fi
+	command -v mmdebstrap >/dev/null || {
+		log "installing mmdebstrap on the host"
+		apt-get update -qq >&2 && apt-get install -y -qq mmdebstrap >&2
+	}
+	log "creating build root $dir (about a minute)"
+	tmp="$dir.tmp"
+	rm -rf "$tmp" "$CACHE"/root-"$name"-*
+	# shellcheck disable=SC2086
+	mmdebstrap --variant=apt --components=main \
+		--include="$(echo $ROOT_PKGS | tr ' ' ',')" \
+		${extra:+--customize-hook="$extra"} \
+		trixie "$tmp" \
+		"deb $MIRROR trixie main" \
+		"deb $MIRROR trixie-backports main" >&2
+	touch "$tmp/.complete"
+	mv "$tmp" "$dir"
+	echo "$dir"
+}
+
+# inroot ROOT CMD...: run CMD in ROOT with /proc, /dev, /dev/shm, the cache
+# (as /c) and this repository (as /repo) mounted, in a private mount namespace
+# so every mount goes away with the command.
+inroot() {
+	local root=$1
+	shift
+	mkdir -p "$root/c" "$root/repo"
+	install -m 755 "$REPO/harness/qemu-system-x86_64" "$root/usr/local/bin/qemu-system-x86_64"
+	unshare -m --propagation private -- /bin/bash -c '
+		set -e
+		r=$1; c=$2; repo=$3; shift 3
+		mount -t proc proc "$r/proc"
+		mount --rbind /dev "$r/dev"
+		mount -t tmpfs shm "$r/dev/shm"
+		mount --bind "$c" "$r/c"
+		mount --bind "$repo" "$r/repo"
+		exec chroot "$r" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
+			PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$@"
+	' inroot "$root" "$CACHE" "$REPO" "$@"
+}
+
+# ensure_base ROOT: the pristine Linux source as the single commit `base` of
+# the git repository $TREE. Made once from the newest linux-source-7.3 of
+# trixie-backports; remade when JQ_REFRESH_SOURCE is set and the version moved.
+TREE=$CACHE/linux
+ensure_base() {
+	local root=$1 deb ver tmp
+	if [ -e "$TREE/.git/jq-base-complete" ] && [ -z "${JQ_REFRESH_SOURCE:-}" ]; then
+		return
+	fi
+	log "downloading $KPKG from trixie-backports"
+	tmp=$CACHE/dl
+	rm -rf "$tmp"
+	mkdir -p "$tmp"
+	inroot "$root" /bin/sh -c "apt-get update -qq && cd /c/dl && apt-get download -qq $KPKG/trixie-backports" >&2
+	deb=$(ls "$tmp"/"$KPKG"_*.deb)
+	ver=$(dpkg-deb -f "$deb" Version)
+	if [ -e "$TREE/.git/jq-base-complete" ] && [ "$(cat "$TREE/.git/jq-base-version")" = "$ver" ]; then
+		rm -rf "$tmp"
+		return
+	fi
+	log "unpacking $KPKG $ver into $TREE"
+	rm -rf "$TREE" "$CACHE"/build
+	mkdir -p "$TREE"
+	dpkg-deb --fsys-tarfile "$deb" | tar -xO "./usr/src/$KPKG.tar.xz" |
+		tar -xJ -C "$TREE" --strip-components=1
+	rm -rf "$tmp"
+	log "committing the pristine tree as 'base'"
+	(
+		cd "$TREE"
+		git init -q -b base
+		git config user.name "jobqueue harness"
+		git config user.email "harness@invalid"
+		git config core.autocrlf false
+		git config gc.auto 0
+		git add -A -f
+		GIT_AUTHOR_DATE="2026-01-01T00:00:00Z" GIT_COMMITTER_DATE="2026-01-01T00:00:00Z" \
+			git commit -q -m "Linux $ver (Debian $KPKG)"
+	)
+	echo "$ver" > "$TREE/.git/jq-base-version"
+	touch "$TREE/.git/jq-base-complete"
+}
+
+kernel_version() {
+	make -s -C "$TREE" kernelversion
+}
+
+# assemble: turn patches/ and linux/ into one commit per series entry on top of
+# `base`, then check the result out in $TREE. Only files whose content changed
+# are rewritten, so incremental builds stay incremental.
+assemble() {
+	local idx parent entry dir f blob tree msg commit listed
+	idx=$(mktemp)
+	listed=$(mktemp)
+	trap 'rm -f "$idx" "$listed"' RETURN
+	parent=$(git -C "$TREE" rev-parse base)
+	export GIT_INDEX_FILE=$idx
+	git -C "$TREE" read-tree "$parent"
+	while read -r entry; do
+		case "$entry" in ''|'#'*) continue ;; esac
+		dir=$REPO/patches/$entry
+		[ -f "$dir/message" ] || die "patches/$entry/message is missing"
+		for f in "$dir"/*.diff; do
+			[ -e "$f" ] || continue
+			git -C "$TREE" apply --cached --whitespace=nowarn "$f" ||
+				die "patches/$entry/$(basename "$f") does not apply"
+		done
+		if [ -f "$dir/files" ]; then
+			while read -r f; do
+				case "$f" in ''|'#'*) continue ;; esac
+				[ -f "$REPO/linux/$f" ] || die "patches/$entry/files names linux/$f, which does not exist"
+				echo "$f" >> "$listed"
+				blob=$(git -C "$TREE" hash-object -w "$REPO/linux/$f")
+				git -C "$TREE" update-index --add --cacheinfo "100644,$blob,$f"
+			done < "$dir/files"
+		fi
+		tree=$(git -C "$TREE" write-tree)
+		msg=$dir/message
+		commit=$(GIT_AUTHOR_NAME="${JQ_AUTHOR_NAME:-Rust DRM job queue authors}" \
+			GIT_AUTHOR_EMAIL="${JQ_AUTHOR_EMAIL:-jobqueue@invalid}" \
+			GIT_AUTHOR_DATE="2026-11-25T00:00:00Z" \
+			GIT_COMMITTER_DATE="2026-11-25T00:00:00Z" \
+			git -C "$TREE" commit-tree "$tree" -p "$parent" -F "$msg")
+		parent=$commit
+	done < "$REPO/patches/series"
+	unset GIT_INDEX_FILE
+	# Every file under linux/ belongs to exactly one series entry.
+	(cd "$REPO/linux" && find . -type f | sed 's|^\./||' | sort) > "$idx.have"
+	sort "$listed" > "$idx.listed"
+	if ! cmp -s "$idx.have" "$idx.listed"; then
+		diff -u "$idx.have" "$idx.listed" | sed 's/^/  /' >&2 || true
+		rm -f "$idx.have" "$idx.listed"
+		die "each file under linux/ must be listed once in a patches/*/files (- unlisted, + listed twice or missing)"
+	fi
+	rm -f "$idx.have" "$idx.listed"
+	git -C "$TREE" update-ref refs/heads/series "$parent"
+	git -C "$TREE" checkout -q -f --detach series
+	git -C "$TREE" clean -q -fdx
+}

@@ -1,0 +1,22 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# kunit.py QEMU configuration for the judged x86_64 run: like the kernel's own
+# qemu_configs/x86_64.py, plus an initramfs whose /init runs the post-test
+# checks (lockdep still on, a kmemleak scan) once KUnit is done, two vCPUs and
+# room for KASAN. The Kconfig fragment lives in ../kunit/x86_64.config.
+import os
+
+from ..qemu_config import QemuArchParams
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+with open(os.path.join(_HERE, '..', 'kunit', 'x86_64.config')) as f:
+    _KCONFIG = ''.join(l for l in f if l.startswith('CONFIG_'))
+
+QEMU_ARCH = QemuArchParams(linux_arch='x86_64',
+                           kconfig=_KCONFIG,
+                           qemu_arch='x86_64',
+                           kernel_path='arch/x86/boot/bzImage',
+                           kernel_command_line='console=ttyS0 kunit_shutdown=none rdinit=/init panic=-1',
+                           extra_qemu_params=['-bios', 'qboot.rom', '-smp', '2', '-m', '2048',
+                                              '-initrd', '/c/initramfs.cpio.gz'])
