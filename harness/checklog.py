@@ -54,6 +54,7 @@ def main():
     ap.add_argument('--require-kmemleak', action='store_true',
                     help='a kmemleak scan must have run and found nothing')
     ap.add_argument('--kunit-rc', type=int, default=0)
+    ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
     args = ap.parse_args()
 
@@ -95,6 +96,18 @@ def main():
         else:
             failed += 1
             problems.append(f'failed case: {name}')
+
+    if args.extra:
+        with open(args.extra) as f:
+            for line in f:
+                m = re.match(r'(ok|not ok) (\S+)', line)
+                if not m:
+                    continue
+                if m.group(1) == 'ok':
+                    passed += 1
+                else:
+                    failed += 1
+                    problems.append(f'failed check: {m.group(2)}')
 
     if not leaf:
         problems.append('no KUnit results in the log: the kernel did not run the suites')

@@ -16,7 +16,8 @@ KPKG=linux-source-$KSERIES
 # Everything the build root needs. Changing this list remakes the root.
 ROOT_PKGS="build-essential bc bison flex libelf-dev libssl-dev python3 rustc
 rust-src bindgen clang lld llvm libclang-dev kmod cpio xz-utils rsync git
-rustfmt rust-clippy perl qemu-system-x86 busybox-static ca-certificates"
+rustfmt rust-clippy perl python3-ply python3-git qemu-system-x86 busybox-static
+ca-certificates"
 
 mkdir -p "$CACHE"
 

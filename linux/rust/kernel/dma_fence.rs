@@ -112,7 +112,7 @@ use crate::{
         OwnedQueue,
         Queue,
         WorkItem, //
-    },
+    }, //
 };
 use core::{
     cell::UnsafeCell,
@@ -124,7 +124,7 @@ use core::{
     ptr::{
         self,
         NonNull, //
-    },
+    }, //
 };
 
 /// The highest nesting level a [`FenceContext`] can have.
@@ -765,6 +765,13 @@ pub struct FenceCallback<K: CallbackKind> {
     _pin: PhantomPinned,
 }
 
+// SAFETY: The `struct dma_fence_cb` is only touched by the C side under the fence lock and by
+// `arm`/`disarm`, which need exclusive access; the payload is `Send`.
+unsafe impl<K: CallbackKind> Send for FenceCallback<K> {}
+// SAFETY: Shared references only give access to the fence (`Sync`) and to the payload, which is
+// `Sync` as every `CallbackKind` is.
+unsafe impl<K: CallbackKind> Sync for FenceCallback<K> {}
+
 impl<K: CallbackKind> FenceCallback<K> {
     /// Creates an unarmed callback that will perform `kind`.
     pub fn new(kind: K) -> impl PinInit<Self> {
@@ -874,7 +881,7 @@ impl WakeTask {
     /// Wakes the current task when the fence signals.
     pub fn current() -> Self {
         let current = current!();
-        let task: &Task = &current;
+        let task: &Task = current;
         Self::new(task.into())
     }
 
@@ -922,6 +929,7 @@ impl CallbackKind for CompleteCompletion {
 }
 
 /// A workqueue that an [`EnqueueWork`] callback queues on.
+#[derive(Clone)]
 pub enum WorkQueueRef {
     /// A workqueue that lives for ever, such as [`workqueue::system`](crate::workqueue::system).
     Static(&'static Queue),
@@ -930,7 +938,8 @@ pub enum WorkQueueRef {
 }
 
 impl WorkQueueRef {
-    fn queue(&self) -> &Queue {
+    /// Returns the workqueue.
+    pub fn queue(&self) -> &Queue {
         match self {
             Self::Static(queue) => queue,
             Self::Owned(queue) => queue,
@@ -1142,6 +1151,19 @@ impl ProxyFence {
         }
         self.project().callback.arm(source);
         Ok(())
+    }
+
+    /// Stops following the source, without signalling the proxy's fence.
+    ///
+    /// Returns `true` if the proxy's fence has not signalled: it then signals only through a
+    /// later [`ProxyFence::follow`], [`ProxyFence::signal`] or the drop of the proxy. Returns
+    /// `false` if the source had signalled it already.
+    pub fn detach(self: Pin<&mut Self>) -> bool {
+        let mut callback = self.project().callback;
+        callback.as_mut().disarm();
+        // SAFETY: The callback is disarmed, so by the invariants of `SignalProxy` we are the only
+        // user of `target`.
+        unsafe { (*callback.kind().target.get()).is_some() }
     }
 
     /// Signals the proxy's fence now with `result`, detaching it from its source.
@@ -1588,6 +1610,9 @@ mod tests {
         set_deadline: None,
     };
 
+    /// # Safety
+    ///
+    /// Called by the C side with a valid fence; the fence is not used.
     unsafe extern "C" fn c_name(_fence: *mut bindings::dma_fence) -> *const c_char {
         c"c-fence".as_char_ptr()
     }

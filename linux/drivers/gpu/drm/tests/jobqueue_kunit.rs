@@ -1,0 +1,1159 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+
+//! KUnit tests of the Rust DRM job queue.
+//!
+//! A mock hardware ring completes jobs in order from hardirq context: an hrtimer fires after each
+//! job's programmed duration and signals its hardware fence, with an error if the job is
+//! programmed to fail; a job programmed to hang stalls the ring until the backend resets it. The
+//! cases cover the scenarios of drm_sched's own KUnit suite and the job queue's own guarantees:
+//! dependency errors, C fences, teardown, timeouts, stop/resume and a random dependency graph
+//! across eight queues that checks every invariant.
+
+use core::mem::MaybeUninit;
+use kernel::{
+    dma_fence::{
+        DmaFence,
+        FenceAllocation,
+        FenceContext,
+        UniqueFence, //
+    },
+    drm::jobqueue::{
+        Backend,
+        Job,
+        JobQueue,
+        JobRef,
+        QueueOptions,
+        Recovery,
+        TimeoutAction, //
+    },
+    impl_has_hr_timer,
+    impl_has_work,
+    new_spinlock_irq,
+    new_work,
+    prelude::*,
+    sync::{
+        aref::ARef,
+        atomic::{
+            ordering,
+            Atomic, //
+        },
+        Arc,
+        ArcBorrow,
+        SpinLockIrq, //
+    },
+    time::{
+        delay::fsleep,
+        hrtimer::{
+            ArcHrTimerHandle,
+            HrTimer,
+            HrTimerCallback,
+            HrTimerCallbackContext,
+            HrTimerPointer,
+            HrTimerRestart,
+            RelativeMode, //
+        },
+        Delta,
+        Monotonic, //
+    },
+    workqueue::{
+        self,
+        Work,
+        WorkItem, //
+    }, //
+};
+
+module! {
+    type: JobQueueKunit,
+    name: "drm_jobqueue_kunit",
+    authors: ["Rust DRM job queue authors"],
+    description: "KUnit tests for the Rust DRM job queue",
+    license: "GPL",
+}
+
+struct JobQueueKunit;
+
+impl kernel::Module for JobQueueKunit {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        Ok(Self)
+    }
+}
+
+/// What the mock hardware does with a job.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Complete,
+    Fail(Error),
+    Hang,
+}
+
+/// A job on the mock ring.
+struct HwEntry {
+    fence: UniqueFence,
+    duration: Delta,
+    behaviour: Behaviour,
+    credits: u32,
+}
+
+struct RingState {
+    fifo: KVec<HwEntry>,
+    /// The timer is armed or its callback runs (or the ring is hung).
+    busy: bool,
+    hung: bool,
+    credits: u32,
+    max_credits: u32,
+    completed: u32,
+}
+
+/// The mock hardware ring.
+#[pin_data]
+struct MockRing {
+    #[pin]
+    timer: HrTimer<Self>,
+    hw: FenceContext,
+    #[pin]
+    state: SpinLockIrq<RingState>,
+    #[pin]
+    handle: SpinLockIrq<Option<ArcHrTimerHandle<MockRing>>>,
+    in_hardirq: Atomic<bool>,
+}
+
+impl_has_hr_timer! {
+    impl HasHrTimer<Self> for MockRing {
+        mode: RelativeMode<Monotonic>, field: self.timer
+    }
+}
+
+impl HrTimerCallback for MockRing {
+    type Pointer<'a> = Arc<Self>;
+
+    fn run(this: ArcBorrow<'_, Self>, mut ctx: HrTimerCallbackContext<'_, Self>) -> HrTimerRestart {
+        // SAFETY: Reading the preempt count has no requirements.
+        let hardirq = unsafe { kernel::bindings::in_hardirq() };
+        if !hardirq {
+            this.in_hardirq.store(false, ordering::Relaxed);
+        }
+        let (entry, next) = {
+            let mut st = this.state.lock();
+            let hang = match st.fifo.first() {
+                None => {
+                    st.busy = false;
+                    return HrTimerRestart::NoRestart;
+                }
+                Some(e) => e.behaviour == Behaviour::Hang,
+            };
+            if hang {
+                // Stalled until reset: `busy` stays set.
+                st.hung = true;
+                return HrTimerRestart::NoRestart;
+            }
+            let Ok(entry) = st.fifo.remove(0) else {
+                return HrTimerRestart::NoRestart;
+            };
+            st.credits -= entry.credits;
+            st.completed += 1;
+            let next = st.fifo.first().map(|e| e.duration);
+            if next.is_none() {
+                st.busy = false;
+            }
+            (entry, next)
+        };
+        let result = match entry.behaviour {
+            Behaviour::Fail(e) => Err(e),
+            _ => Ok(()),
+        };
+        entry.fence.signal(result);
+        match next {
+            Some(duration) => {
+                ctx.forward_now(duration);
+                HrTimerRestart::Restart
+            }
+            None => HrTimerRestart::NoRestart,
+        }
+    }
+}
+
+impl MockRing {
+    fn new(slots: usize) -> Result<Arc<Self>> {
+        let mut fifo = KVec::new();
+        fifo.reserve(slots, GFP_KERNEL)?;
+        Arc::pin_init(
+            pin_init!(Self {
+                timer <- HrTimer::new(),
+                hw: FenceContext::new(c"jobqueue_kunit", c"mock-ring"),
+                state <- new_spinlock_irq!(RingState {
+                    fifo,
+                    busy: false,
+                    hung: false,
+                    credits: 0,
+                    max_credits: 0,
+                    completed: 0,
+                }),
+                handle <- new_spinlock_irq!(None),
+                in_hardirq: Atomic::new(true),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Starts the timer for `duration` if the ring was idle.
+    fn kick(self: &Arc<Self>, duration: Delta) {
+        // Dropping the previous handle waits for a callback that is still returning.
+        let old = self.handle.lock().take();
+        drop(old);
+        let handle = self.clone().start(duration);
+        *self.handle.lock() = Some(handle);
+    }
+
+    /// Puts a job on the ring; fails with `ENOSPC` if the ring has no slot left.
+    fn push(self: &Arc<Self>, entry: HwEntry) -> Result {
+        let duration = entry.duration;
+        let start = {
+            let mut st = self.state.lock();
+            let credits = entry.credits;
+            st.fifo.push_within_capacity(entry).map_err(|_| ENOSPC)?;
+            st.credits += credits;
+            st.max_credits = st.max_credits.max(st.credits);
+            !core::mem::replace(&mut st.busy, true)
+        };
+        if start {
+            self.kick(duration);
+        }
+        Ok(())
+    }
+
+    /// Resets the ring: its jobs are lost and their fences signal `-ECANCELED`.
+    fn reset(&self) {
+        let old = self.handle.lock().take();
+        drop(old);
+        loop {
+            let entry = {
+                let mut st = self.state.lock();
+                match st.fifo.remove(0) {
+                    Ok(e) => {
+                        st.credits -= e.credits;
+                        Some(e)
+                    }
+                    Err(_) => {
+                        st.busy = false;
+                        st.hung = false;
+                        None
+                    }
+                }
+            };
+            match entry {
+                Some(e) => e.fence.signal(Err(ECANCELED)),
+                None => break,
+            }
+        }
+    }
+
+    /// Breaks the reference cycle through the timer handle.
+    fn shutdown(&self) {
+        self.reset();
+    }
+
+    fn max_credits(&self) -> u32 {
+        self.state.lock().max_credits
+    }
+
+    fn completed(&self) -> u32 {
+        self.state.lock().completed
+    }
+}
+
+/// Counters shared by a test, its backend and its jobs.
+struct Stats {
+    runs: Atomic<u32>,
+    cancelled: Atomic<u32>,
+    timeouts: Atomic<u32>,
+    dropped: Atomic<u32>,
+    order_violations: Atomic<u32>,
+    dependency_violations: Atomic<u32>,
+    last_seqno: Atomic<u64>,
+}
+
+impl Stats {
+    fn new() -> Result<Arc<Self>> {
+        Ok(Arc::new(
+            Self {
+                runs: Atomic::new(0),
+                cancelled: Atomic::new(0),
+                timeouts: Atomic::new(0),
+                dropped: Atomic::new(0),
+                order_violations: Atomic::new(0),
+                dependency_violations: Atomic::new(0),
+                last_seqno: Atomic::new(0),
+            },
+            GFP_KERNEL,
+        )?)
+    }
+
+    fn get(counter: &Atomic<u32>) -> u32 {
+        counter.load(ordering::Relaxed)
+    }
+}
+
+/// The driver's data of a mock job.
+struct MockJob {
+    stats: Arc<Stats>,
+    duration: Delta,
+    behaviour: Behaviour,
+    run_error: Option<Error>,
+    signalled_hw: Option<Result>,
+    hw_alloc: Option<FenceAllocation>,
+    /// Fences that must have signalled when the job runs.
+    check: KVec<ARef<DmaFence>>,
+    sleep_on_drop: bool,
+    runs: u32,
+}
+
+impl MockJob {
+    fn new(stats: &Arc<Stats>, duration: Delta) -> Result<Self> {
+        Ok(Self {
+            stats: stats.clone(),
+            duration,
+            behaviour: Behaviour::Complete,
+            run_error: None,
+            signalled_hw: None,
+            hw_alloc: Some(FenceAllocation::new(GFP_KERNEL)?),
+            check: KVec::new(),
+            sleep_on_drop: false,
+            runs: 0,
+        })
+    }
+}
+
+impl Drop for MockJob {
+    fn drop(&mut self) {
+        if self.sleep_on_drop {
+            // Only legal in process context: DEBUG_ATOMIC_SLEEP would complain otherwise.
+            fsleep(Delta::from_micros(100));
+        }
+        self.stats.dropped.add(1, ordering::Relaxed);
+    }
+}
+
+/// The backend the queues under test run on.
+struct MockBackend {
+    ring: Arc<MockRing>,
+    stats: Arc<Stats>,
+    on_timeout: TimeoutAction,
+}
+
+impl Backend for MockBackend {
+    type Job = MockJob;
+
+    fn run(&self, mut job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
+        self.stats.runs.add(1, ordering::Relaxed);
+        let seqno = job.done_fence().seqno();
+        let last = self.stats.last_seqno.xchg(seqno, ordering::Relaxed);
+        if seqno <= last && job.runs == 0 {
+            self.stats.order_violations.add(1, ordering::Relaxed);
+        }
+        job.runs += 1;
+        if job.check.iter().any(|f| !f.is_signaled()) {
+            self.stats.dependency_violations.add(1, ordering::Relaxed);
+        }
+        if let Some(e) = job.run_error {
+            return Err(e);
+        }
+        let alloc = match job.hw_alloc.take() {
+            Some(alloc) => alloc,
+            None => FenceAllocation::new(GFP_NOWAIT)?,
+        };
+        let fence = self.ring.hw.init_fence(alloc);
+        let hw = fence.to_aref();
+        if let Some(result) = job.signalled_hw {
+            fence.signal(result);
+            return Ok(hw);
+        }
+        self.ring.push(HwEntry {
+            fence,
+            duration: job.duration,
+            behaviour: job.behaviour,
+            credits: job.credits(),
+        })?;
+        Ok(hw)
+    }
+
+    fn timed_out(&self, mut job: JobRef<'_, Self>) -> TimeoutAction {
+        self.stats.timeouts.add(1, ordering::Relaxed);
+        if !matches!(self.on_timeout, TimeoutAction::NoHang) {
+            self.ring.reset();
+        }
+        // A job that hung once completes when run again.
+        job.behaviour = Behaviour::Complete;
+        self.on_timeout
+    }
+
+    fn cancelled(&self, _job: JobRef<'_, Self>, _error: Error) {
+        self.stats.cancelled.add(1, ordering::Relaxed);
+    }
+}
+
+/// Shuts the mock ring down when dropped, breaking the reference cycle of its timer handle.
+struct RingGuard(Arc<MockRing>);
+
+impl core::ops::Deref for RingGuard {
+    type Target = MockRing;
+
+    fn deref(&self) -> &MockRing {
+        &self.0
+    }
+}
+
+impl Drop for RingGuard {
+    fn drop(&mut self) {
+        self.0.reset();
+    }
+}
+
+/// A queue under test with its ring and counters. The queue is dropped before the ring.
+struct Fixture {
+    queue: JobQueue<MockBackend>,
+    ring: RingGuard,
+    stats: Arc<Stats>,
+}
+
+const LONG: Delta = Delta::from_secs(30);
+
+impl Fixture {
+    fn new(name: &'static CStr, capacity: u32, timeout: Option<Delta>) -> Result<Self> {
+        Self::with_action(name, capacity, timeout, TimeoutAction::Reset(Recovery::Resubmit))
+    }
+
+    fn with_action(
+        name: &'static CStr,
+        capacity: u32,
+        timeout: Option<Delta>,
+        on_timeout: TimeoutAction,
+    ) -> Result<Self> {
+        let ring = MockRing::new(capacity as usize)?;
+        let stats = Stats::new()?;
+        let backend = MockBackend {
+            ring: ring.clone(),
+            stats: stats.clone(),
+            on_timeout,
+        };
+        let queue = JobQueue::new(
+            backend,
+            QueueOptions::new(c"jobqueue_kunit", name, capacity, timeout),
+        )?;
+        Ok(Self {
+            queue,
+            ring: RingGuard(ring),
+            stats,
+        })
+    }
+
+    fn queue(&self) -> &JobQueue<MockBackend> {
+        &self.queue
+    }
+
+    fn job(&self, credits: u32, duration: Delta) -> Result<Job<MockBackend>> {
+        self.queue.new_job(credits, MockJob::new(&self.stats, duration)?)
+    }
+
+    fn submit_simple(&self, duration: Delta) -> Result<ARef<DmaFence>> {
+        Ok(self.queue.submit(self.job(1, duration)?)?)
+    }
+
+    /// Drops the queue; the ring and the counters stay for checks.
+    fn teardown(self) -> (RingGuard, Arc<Stats>) {
+        let Fixture { queue, ring, stats } = self;
+        drop(queue);
+        (ring, stats)
+    }
+}
+
+fn us(n: i64) -> Delta {
+    Delta::from_micros(n)
+}
+
+fn wait(fence: &DmaFence) -> Result {
+    fence.wait_timeout(LONG)
+}
+
+/// A small deterministic random number generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 16) as u32
+    }
+
+    fn below(&mut self, n: u32) -> u32 {
+        self.next() % n
+    }
+}
+
+/// Submits jobs from a work item, for the parallel submission case.
+#[pin_data]
+struct Submitter {
+    #[pin]
+    work: Work<Submitter>,
+    fixture: Arc<Fixture>,
+    jobs: u32,
+    last: SpinLockIrq<Option<ARef<DmaFence>>>,
+    errors: Atomic<u32>,
+    in_order: Atomic<bool>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for Submitter { self.work }
+}
+
+impl WorkItem for Submitter {
+    type Pointer = Arc<Submitter>;
+
+    fn run(this: Arc<Submitter>) {
+        let mut previous: Option<ARef<DmaFence>> = None;
+        for _ in 0..this.jobs {
+            match this.fixture.submit_simple(us(20)) {
+                Ok(done) => {
+                    if let Some(prev) = &previous {
+                        if done.is_later(prev) != Ok(true) {
+                            this.in_order.store(false, ordering::Relaxed);
+                        }
+                    }
+                    previous = Some(done);
+                }
+                Err(_) => {
+                    this.errors.add(1, ordering::Relaxed);
+                }
+            }
+        }
+        *this.last.lock() = previous;
+    }
+}
+
+#[kunit_tests(drm_jobqueue)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_submit() -> Result {
+        let f = Fixture::new(c"basic", 8, None)?;
+        let done = f.submit_simple(us(100))?;
+        assert_eq!(done.context(), f.queue().context());
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 1);
+        assert!(f.ring.in_hardirq.load(ordering::Relaxed));
+        // Retired in process context: credits back, payload dropped.
+        let mut tries = 0;
+        while Stats::get(&f.stats.dropped) != 1 && tries < 1000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.dropped), 1);
+        let stats = f.queue().stats();
+        assert_eq!((stats.waiting, stats.running, stats.credits_in_use), (0, 0, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn chain_of_100() -> Result {
+        let f = Fixture::new(c"chain", 16, None)?;
+        let mut previous: Option<ARef<DmaFence>> = None;
+        for _ in 0..100 {
+            let mut job = f.job(1, us(10))?;
+            if let Some(prev) = previous.take() {
+                job.payload_mut().check.push(prev.clone(), GFP_KERNEL)?;
+                job.add_dependency(prev)?;
+            }
+            previous = Some(f.queue().submit(job)?);
+        }
+        let last = previous.ok_or(EINVAL)?;
+        wait(&last)?;
+        assert_eq!(last.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 100);
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
+        assert_eq!(Stats::get(&f.stats.dependency_violations), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn independent_and_interdependent_queues() -> Result {
+        let names = [c"q0", c"q1", c"q2", c"q3"];
+        let mut fixtures = KVec::new();
+        for name in names {
+            fixtures.push(Fixture::new(name, 4, None)?, GFP_KERNEL)?;
+        }
+        // Independent: 25 jobs on each.
+        let mut last = KVec::new();
+        for f in &fixtures {
+            let mut done = None;
+            for _ in 0..25 {
+                done = Some(f.submit_simple(us(10))?);
+            }
+            last.push(done.ok_or(EINVAL)?, GFP_KERNEL)?;
+        }
+        for done in &last {
+            wait(done)?;
+        }
+        // Inter-dependent: each job depends on the previous job of the next queue.
+        let mut previous: [Option<ARef<DmaFence>>; 4] = [None, None, None, None];
+        for round in 0..25 {
+            for (i, f) in fixtures.iter().enumerate() {
+                let mut job = f.job(1, us(10 + round))?;
+                if let Some(dep) = previous[(i + 1) % 4].clone() {
+                    job.payload_mut().check.push(dep.clone(), GFP_KERNEL)?;
+                    job.add_dependency(dep)?;
+                }
+                previous[i] = Some(f.queue().submit(job)?);
+            }
+        }
+        for done in previous.iter().flatten() {
+            wait(done)?;
+            assert_eq!(done.status(), Some(Ok(())));
+        }
+        for f in &fixtures {
+            assert_eq!(Stats::get(&f.stats.runs), 50);
+            assert_eq!(Stats::get(&f.stats.dependency_violations), 0);
+            assert_eq!(Stats::get(&f.stats.order_violations), 0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn teardown_mid_chain() -> Result {
+        let f = Fixture::new(c"mid-chain", 4, Some(Delta::from_millis(200)))?;
+        let mut dones = KVec::new();
+        let mut previous: Option<ARef<DmaFence>> = None;
+        for _ in 0..50 {
+            let mut job = f.job(1, us(500))?;
+            if let Some(prev) = previous.take() {
+                job.add_dependency(prev)?;
+            }
+            let done = f.queue().submit(job)?;
+            previous = Some(done.clone());
+            dones.push(done, GFP_KERNEL)?;
+        }
+        wait(&dones[3])?;
+        let (_ring, stats) = f.teardown();
+        // Everything signalled: what ran completed, what did not was cancelled, in order.
+        let mut cancelled_seen = false;
+        for done in &dones {
+            let status = done.status();
+            assert!(status.is_some());
+            if let Some(Err(e)) = status {
+                assert_eq!(e, ECANCELED);
+                cancelled_seen = true;
+            } else {
+                assert!(!cancelled_seen);
+            }
+        }
+        assert!(cancelled_seen);
+        assert_eq!(Stats::get(&stats.dropped), 50);
+        assert_eq!(Stats::get(&stats.cancelled) + Stats::get(&stats.runs), 50);
+        Ok(())
+    }
+
+    #[test]
+    fn sixteen_parallel_submitters() -> Result {
+        let f = Arc::new(Fixture::new(c"parallel", 8, None)?, GFP_KERNEL)?;
+        let mut submitters = KVec::new();
+        for _ in 0..16 {
+            let s = Arc::pin_init(
+                pin_init!(Submitter {
+                    work <- new_work!("jobqueue_kunit::Submitter"),
+                    fixture: f.clone(),
+                    jobs: 50,
+                    last <- new_spinlock_irq!(None),
+                    errors: Atomic::new(0),
+                    in_order: Atomic::new(true),
+                }),
+                GFP_KERNEL,
+            )?;
+            let _ = workqueue::system_dfl().enqueue(s.clone());
+            submitters.push(s, GFP_KERNEL)?;
+        }
+        for s in &submitters {
+            s.work.flush();
+            assert_eq!(Stats::get(&s.errors), 0);
+            assert!(s.in_order.load(ordering::Relaxed));
+            let last = s.last.lock().clone().ok_or(EINVAL)?;
+            wait(&last)?;
+        }
+        assert_eq!(Stats::get(&f.stats.runs), 16 * 50);
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
+        drop(submitters);
+        Ok(())
+    }
+
+    #[test]
+    fn interleaved_submission() -> Result {
+        let f = Fixture::new(c"interleaved", 2, None)?;
+        let mut dones = KVec::new();
+        for round in 0..20 {
+            for _ in 0..3 {
+                dones.push(f.submit_simple(us(20))?, GFP_KERNEL)?;
+            }
+            if round % 2 == 0 {
+                wait(&dones[dones.len() - 2])?;
+            }
+        }
+        for done in &dones {
+            wait(done)?;
+            assert_eq!(done.status(), Some(Ok(())));
+        }
+        for pair in dones.windows(2) {
+            assert_eq!(pair[1].is_later(&pair[0]), Ok(true));
+            let (a, b) = (pair[0].timestamp(), pair[1].timestamp());
+            assert!(a.is_some() && b.is_some());
+        }
+        assert!(f.ring.max_credits() <= 2);
+        Ok(())
+    }
+
+    #[test]
+    fn cancel_on_teardown() -> Result {
+        let f = Fixture::new(c"cancel", 4, None)?;
+        let blocker = FenceContext::new(c"jobqueue_kunit", c"blocker");
+        let gate = blocker.new_fence(GFP_KERNEL)?;
+        let mut dones = KVec::new();
+        for _ in 0..20 {
+            let mut job = f.job(1, us(10))?;
+            job.add_dependency(gate.to_aref())?;
+            dones.push(f.queue().submit(job)?, GFP_KERNEL)?;
+        }
+        assert_eq!(f.queue().stats().waiting, 20);
+        let (_ring, stats) = f.teardown();
+        for done in &dones {
+            assert_eq!(done.status(), Some(Err(ECANCELED)));
+        }
+        assert_eq!(Stats::get(&stats.runs), 0);
+        assert_eq!(Stats::get(&stats.cancelled), 20);
+        assert_eq!(Stats::get(&stats.dropped), 20);
+        // The queue removed its callback from the foreign fence.
+        gate.signal(Ok(()));
+        Ok(())
+    }
+
+    #[test]
+    fn timeout_resets_and_resubmits() -> Result {
+        let f = Fixture::new(c"timeout", 4, Some(Delta::from_millis(50)))?;
+        let first = f.submit_simple(us(100))?;
+        let mut hang = f.job(1, us(100))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let hung = f.queue().submit(hang)?;
+        let after = f.submit_simple(us(100))?;
+        wait(&after)?;
+        assert_eq!(first.status(), Some(Ok(())));
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        // Resubmitted after the reset, and completed.
+        assert_eq!(after.status(), Some(Ok(())));
+        assert!(Stats::get(&f.stats.timeouts) >= 1);
+        assert!(Stats::get(&f.stats.runs) >= 4);
+        Ok(())
+    }
+
+    #[test]
+    fn no_hang_keeps_waiting() -> Result {
+        let f = Fixture::with_action(
+            c"no-hang",
+            4,
+            Some(Delta::from_millis(20)),
+            TimeoutAction::NoHang,
+        )?;
+        let done = f.submit_simple(Delta::from_millis(120))?;
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Ok(())));
+        assert!(Stats::get(&f.stats.timeouts) >= 1);
+        assert_eq!(Stats::get(&f.stats.runs), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn credit_limit_one() -> Result {
+        let f = Fixture::new(c"one-credit", 1, None)?;
+        let mut last = None;
+        for _ in 0..30 {
+            last = Some(f.submit_simple(us(30))?);
+        }
+        wait(&last.ok_or(EINVAL)?)?;
+        assert_eq!(f.ring.max_credits(), 1);
+        assert_eq!(f.ring.completed(), 30);
+        // Credits are checked at creation.
+        assert_eq!(f.job(2, us(1)).err(), Some(EINVAL));
+        assert_eq!(f.job(0, us(1)).err(), Some(EINVAL));
+        Ok(())
+    }
+
+    #[test]
+    fn credits_never_exceed_capacity() -> Result {
+        let f = Fixture::new(c"credits", 5, None)?;
+        let mut last = None;
+        for i in 0..60 {
+            last = Some(f.queue().submit(f.job(1 + i % 3, us(20))?)?);
+        }
+        wait(&last.ok_or(EINVAL)?)?;
+        assert!(f.ring.max_credits() <= 5);
+        assert!(f.ring.max_credits() >= 3);
+        Ok(())
+    }
+
+    #[test]
+    fn dependency_error_propagates() -> Result {
+        let f = Fixture::new(c"dep-error", 4, None)?;
+        let other = FenceContext::new(c"jobqueue_kunit", c"other");
+        let failing = other.new_fence(GFP_KERNEL)?;
+        let mut job = f.job(1, us(10))?;
+        job.add_dependency(failing.to_aref())?;
+        let done = f.queue().submit(job)?;
+        // A job behind it is not affected.
+        let next = f.submit_simple(us(10))?;
+        failing.signal(Err(EIO));
+        wait(&next)?;
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Err(EIO)));
+        assert_eq!(next.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 1);
+        // And a dependency that had failed before it was added.
+        let mut job = f.job(1, us(10))?;
+        job.add_dependency(done.clone())?;
+        assert_eq!(job.dependencies(), 0);
+        let done2 = f.queue().submit(job)?;
+        wait(&done2)?;
+        assert_eq!(done2.status(), Some(Err(EIO)));
+        assert_eq!(Stats::get(&f.stats.runs), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn done_fences_signal_in_order_on_errors() -> Result {
+        let f = Fixture::new(c"order", 4, None)?;
+        let slow = f.submit_simple(Delta::from_millis(30))?;
+        let mut failing = f.job(1, us(10))?;
+        failing.payload_mut().run_error = Some(ENOSPC);
+        let failed = f.queue().submit(failing)?;
+        let mut instant = f.job(1, us(10))?;
+        instant.payload_mut().signalled_hw = Some(Err(EREMOTEIO));
+        let signalled = f.queue().submit(instant)?;
+        let fast = f.submit_simple(us(10))?;
+        wait(&fast)?;
+        for fence in [&slow, &failed, &signalled] {
+            assert!(fence.is_signaled());
+        }
+        assert_eq!(failed.status(), Some(Err(ENOSPC)));
+        assert_eq!(signalled.status(), Some(Err(EREMOTEIO)));
+        let stamps = [&slow, &failed, &signalled, &fast].map(|f| f.timestamp());
+        for pair in stamps.windows(2) {
+            let (a, b) = (pair[0].ok_or(EINVAL)?, pair[1].ok_or(EINVAL)?);
+            assert!(!(b - a).is_negative());
+        }
+        Ok(())
+    }
+
+    /// `struct dma_fence_ops` of a fence made with the C API.
+    static C_OPS: kernel::bindings::dma_fence_ops = kernel::bindings::dma_fence_ops {
+        get_driver_name: Some(c_name),
+        get_timeline_name: Some(c_name),
+        enable_signaling: None,
+        signaled: None,
+        wait: None,
+        release: None,
+        set_deadline: None,
+    };
+
+    unsafe extern "C" fn c_name(_fence: *mut kernel::bindings::dma_fence) -> *const c_char {
+        c"c-fence".as_ptr()
+    }
+
+    /// Makes a pending fence with the C API (`dma_fence_init()`).
+    fn c_fence(context: u64, seqno: u64) -> Result<ARef<DmaFence>> {
+        let mem = KBox::<MaybeUninit<kernel::bindings::dma_fence>>::new_uninit(GFP_KERNEL)?;
+        let raw = KBox::into_raw(mem).cast::<kernel::bindings::dma_fence>();
+        // SAFETY: `raw` is a kmalloc'ed fence, freed by `dma_fence_free()` since `C_OPS` has no
+        // `release`; its initial reference goes to the `ARef`.
+        unsafe {
+            kernel::bindings::dma_fence_init(raw, &C_OPS, core::ptr::null_mut(), context, seqno);
+            Ok(ARef::from_raw(core::ptr::NonNull::new_unchecked(raw.cast())))
+        }
+    }
+
+    /// Signals a fence made by [`c_fence`].
+    fn c_signal(fence: &DmaFence) {
+        // SAFETY: `fence` is a valid fence.
+        unsafe { kernel::bindings::dma_fence_signal(fence.as_raw()) };
+    }
+
+    #[test]
+    fn c_fences_as_dependencies() -> Result {
+        let f = Fixture::new(c"c-fences", 4, None)?;
+        // SAFETY: `dma_fence_context_alloc()` can be called from any context.
+        let cf = c_fence(unsafe { kernel::bindings::dma_fence_context_alloc(1) }, 1)?;
+        let mut job = f.job(1, us(10))?;
+        job.add_dependency(cf.clone())?;
+        job.add_dependency(DmaFence::stub())?;
+        job.payload_mut().check.push(cf.clone(), GFP_KERNEL)?;
+        assert_eq!(job.dependencies(), 1);
+        let done = f.queue().submit(job)?;
+        assert_eq!(done.wait_timeout(Delta::from_millis(20)), Err(ETIMEDOUT));
+        c_signal(&cf);
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.dependency_violations), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn duplicate_and_signalled_dependencies() -> Result {
+        let f = Fixture::new(c"dedup", 4, None)?;
+        let other = FenceContext::new(c"jobqueue_kunit", c"dedup-src");
+        let a = other.new_fence(GFP_KERNEL)?;
+        let b = other.new_fence(GFP_KERNEL)?;
+        let c = other.new_fence(GFP_KERNEL)?;
+        let signalled = FenceContext::new(c"jobqueue_kunit", c"x").new_fence(GFP_KERNEL)?;
+        let sview = signalled.to_aref();
+        signalled.signal(Ok(()));
+        let mut job = f.job(1, us(10))?;
+        job.add_dependency(b.to_aref())?;
+        job.add_dependency(a.to_aref())?;
+        job.add_dependency(b.to_aref())?;
+        job.add_dependency(sview)?;
+        assert_eq!(job.dependencies(), 1);
+        job.add_dependency(c.to_aref())?;
+        assert_eq!(job.dependencies(), 1);
+        job.payload_mut().check.push(c.to_aref(), GFP_KERNEL)?;
+        let done = f.queue().submit(job)?;
+        a.signal(Ok(()));
+        b.signal(Ok(()));
+        assert_eq!(done.wait_timeout(Delta::from_millis(20)), Err(ETIMEDOUT));
+        c.signal(Ok(()));
+        wait(&done)?;
+        assert_eq!(Stats::get(&f.stats.dependency_violations), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn teardown_with_10000_pending() -> Result {
+        let f = Fixture::new(c"ten-thousand", 16, None)?;
+        let blocker = FenceContext::new(c"jobqueue_kunit", c"gate");
+        let gate = blocker.new_fence(GFP_KERNEL)?;
+        let mut first = f.job(1, us(10))?;
+        first.add_dependency(gate.to_aref())?;
+        let first = f.queue().submit(first)?;
+        let mut last = None;
+        for _ in 0..9999 {
+            last = Some(f.submit_simple(us(10))?);
+        }
+        assert_eq!(f.queue().stats().waiting, 10000);
+        let (_ring, stats) = f.teardown();
+        assert_eq!(first.status(), Some(Err(ECANCELED)));
+        assert_eq!(last.ok_or(EINVAL)?.status(), Some(Err(ECANCELED)));
+        assert_eq!(Stats::get(&stats.dropped), 10000);
+        assert_eq!(Stats::get(&stats.cancelled), 10000);
+        gate.signal(Ok(()));
+        Ok(())
+    }
+
+    #[test]
+    fn hardware_fence_signals_after_queue_is_gone() -> Result {
+        let f = Fixture::with_action(
+            c"late-hw",
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::NoHang,
+        )?;
+        let mut job = f.job(1, us(10))?;
+        job.payload_mut().behaviour = Behaviour::Hang;
+        let done = f.queue().submit(job)?;
+        // Let it reach the ring.
+        while f.queue().stats().running == 0 {
+            fsleep(us(500));
+        }
+        // Teardown waits a timeout, asks the backend, then cuts the job loose.
+        let (ring, stats) = f.teardown();
+        assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(Stats::get(&stats.dropped), 1);
+        assert_eq!(Stats::get(&stats.timeouts), 1);
+        // The hung hardware fence signals now: nothing of the queue is touched.
+        ring.reset();
+        Ok(())
+    }
+
+    #[test]
+    fn random_graph_across_8_queues() -> Result {
+        const QUEUES: usize = 8;
+        const JOBS: usize = 400;
+        let names = [c"r0", c"r1", c"r2", c"r3", c"r4", c"r5", c"r6", c"r7"];
+        let mut fixtures = KVec::new();
+        for (i, name) in names.iter().enumerate() {
+            fixtures.push(Fixture::new(name, 1 + i as u32 % 4, None)?, GFP_KERNEL)?;
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        // Each entry: the done fence and the error it must carry.
+        let mut dones: KVec<(ARef<DmaFence>, Option<Error>)> = KVec::new();
+        for _ in 0..JOBS {
+            let q = rng.below(QUEUES as u32) as usize;
+            let f = &fixtures[q];
+            let credits = 1 + rng.below(1 + q as u32 % 4);
+            let mut job = f.job(credits, us(1 + i64::from(rng.below(40))))?;
+            // Every failure is `EIO`: a job fails if it is programmed to, or if one of its
+            // dependencies failed (then it does not run).
+            let mut expected = None;
+            if rng.below(25) == 0 {
+                job.payload_mut().behaviour = Behaviour::Fail(EIO);
+                expected = Some(EIO);
+            }
+            for _ in 0..rng.below(4) {
+                if dones.is_empty() {
+                    break;
+                }
+                let (dep, dep_error) = &dones[rng.below(dones.len() as u32) as usize];
+                job.add_dependency(dep.clone())?;
+                job.payload_mut().check.push(dep.clone(), GFP_KERNEL)?;
+                if dep_error.is_some() {
+                    expected = Some(EIO);
+                }
+            }
+            let done = f.queue().submit(job)?;
+            dones.push((done, expected), GFP_KERNEL)?;
+        }
+        for (done, expected) in &dones {
+            wait(done)?;
+            match expected {
+                None => assert_eq!(done.status(), Some(Ok(()))),
+                Some(e) => assert_eq!(done.status(), Some(Err(*e))),
+            }
+        }
+        for (i, f) in fixtures.iter().enumerate() {
+            assert_eq!(Stats::get(&f.stats.dependency_violations), 0);
+            assert_eq!(Stats::get(&f.stats.order_violations), 0);
+            assert!(f.ring.max_credits() <= 1 + i as u32 % 4);
+        }
+        // Done fences of one queue signal in order.
+        for f in &fixtures {
+            let mut last_stamp = None;
+            for (done, _) in dones.iter().filter(|(d, _)| d.context() == f.queue().context()) {
+                let stamp = done.timestamp().ok_or(EINVAL)?;
+                if let Some(prev) = last_stamp {
+                    assert!(!(stamp - prev).is_negative());
+                }
+                last_stamp = Some(stamp);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_input() -> Result {
+        let f = Fixture::new(c"bad-input", 4, None)?;
+        let g = Fixture::new(c"bad-input-2", 4, None)?;
+        // A job of another queue is handed back.
+        let job = g.job(1, us(10))?;
+        let err = f.queue().submit(job).err().ok_or(EINVAL)?;
+        assert_eq!(err.error, EINVAL);
+        let done = g.queue().submit(err.job)?;
+        wait(&done)?;
+        // A fence of this queue that was not submitted yet would deadlock: rejected.
+        let mut job = f.job(1, us(10))?;
+        let forged = c_fence(f.queue().context(), 1000)?;
+        assert_eq!(job.add_dependency(forged.clone()), Err(EINVAL));
+        c_signal(&forged);
+        // Earlier jobs of the same queue are fine.
+        let mut own = f.job(1, us(10))?;
+        let own_done = f.queue().submit(f.job(1, us(10))?)?;
+        own.add_dependency(own_done.clone())?;
+        let own_done2 = f.queue().submit(own)?;
+        wait(&own_done2)?;
+        drop(job);
+        // A payload whose drop sleeps is dropped in process context.
+        let mut sleepy = f.job(1, us(10))?;
+        sleepy.payload_mut().sleep_on_drop = true;
+        let done = f.queue().submit(sleepy)?;
+        wait(&done)?;
+        // A run that fails.
+        let mut failing = f.job(1, us(10))?;
+        failing.payload_mut().run_error = Some(EBUSY);
+        let done = f.queue().submit(failing)?;
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Err(EBUSY)));
+        // A hardware fence that had signalled already.
+        let mut instant = f.job(1, us(10))?;
+        instant.payload_mut().signalled_hw = Some(Ok(()));
+        let done = f.queue().submit(instant)?;
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Ok(())));
+        Ok(())
+    }
+
+    #[test]
+    fn stop_and_resume() -> Result {
+        let f = Fixture::new(c"stop", 4, None)?;
+        // Continue: jobs on the hardware keep their hardware fences.
+        let a = f.submit_simple(Delta::from_millis(20))?;
+        while f.queue().stats().running == 0 {
+            fsleep(us(200));
+        }
+        let stopped = f.queue().stop();
+        let b = f.submit_simple(us(10))?;
+        fsleep(Delta::from_millis(40));
+        assert_eq!(b.status(), None);
+        stopped.resume(Recovery::Continue);
+        wait(&b)?;
+        assert_eq!(a.status(), Some(Ok(())));
+
+        // Cancel: the ring was reset and the jobs on it are lost.
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let c = f.queue().submit(hang)?;
+        while f.queue().stats().running == 0 {
+            fsleep(us(200));
+        }
+        let stopped = f.queue().stop();
+        f.ring.reset();
+        stopped.resume(Recovery::Cancel(ECANCELED));
+        wait(&c)?;
+        assert_eq!(c.status(), Some(Err(ECANCELED)));
+
+        // Resubmit: run again after the reset, and complete.
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let d = f.queue().submit(hang)?;
+        while f.queue().stats().running == 0 {
+            fsleep(us(200));
+        }
+        let runs = Stats::get(&f.stats.runs);
+        {
+            let stopped = f.queue().stop();
+            f.ring.reset();
+            stopped.resume(Recovery::Resubmit);
+        }
+        // Run again, and hung again (the mock does what the payload says): reset and cancel.
+        fsleep(Delta::from_millis(5));
+        assert_eq!(Stats::get(&f.stats.runs), runs + 1);
+        let stopped = f.queue().stop();
+        f.ring.reset();
+        stopped.resume(Recovery::Cancel(EIO));
+        wait(&d)?;
+        assert_eq!(d.status(), Some(Err(EIO)));
+        Ok(())
+    }
+
+    #[test]
+    fn device_gone() -> Result {
+        let f = Fixture::with_action(
+            c"gone",
+            4,
+            Some(Delta::from_millis(20)),
+            TimeoutAction::DeviceGone,
+        )?;
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let hung = f.queue().submit(hang)?;
+        let blocked = f.submit_simple(us(10))?;
+        wait(&blocked)?;
+        assert_eq!(hung.status(), Some(Err(ENODEV)));
+        assert_eq!(blocked.status(), Some(Err(ENODEV)));
+        let job = f.job(1, us(10))?;
+        let err = f.queue().submit(job).err().ok_or(EINVAL)?;
+        assert_eq!(err.error, ENODEV);
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+
+//! Jobs: built and allocated by the driver, then submitted to a [`JobQueue`](super::JobQueue).
+
+use super::{
+    queue::{
+        Inner,
+        JobNode, //
+    },
+    Backend,
+};
+use crate::{
+    dma_fence::{
+        DmaFence,
+        FenceAllocation, //
+    },
+    prelude::*,
+    rbtree::RBTreeNodeReservation,
+    sync::{
+        aref::ARef,
+        Arc, //
+    }, //
+};
+use core::{
+    mem::MaybeUninit,
+    ops::{
+        Deref,
+        DerefMut, //
+    }, //
+};
+
+/// A job that has not been submitted yet.
+///
+/// Created by [`JobQueue::new_job`](super::JobQueue::new_job), which allocates everything the job will need in the queue;
+/// [`Job::add_dependency`] allocates the room for each dependency. Once built, the job is handed
+/// to [`JobQueue::submit`](super::JobQueue::submit), which cannot fail past its start and does not allocate.
+///
+/// # Examples
+///
+/// ```
+/// # use kernel::dma_fence::{DmaFence, FenceContext};
+/// # use kernel::drm::jobqueue::{Backend, JobQueue, JobRef, QueueOptions, TimeoutAction};
+/// # use kernel::sync::aref::ARef;
+/// # struct Ring;
+/// # impl Backend for Ring {
+/// #     type Job = ();
+/// #     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> { Ok(DmaFence::stub()) }
+/// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction { TimeoutAction::NoHang }
+/// # }
+/// let queue = JobQueue::new(Ring, QueueOptions::new(c"example", c"ring", 4, None))?;
+/// let other = FenceContext::new(c"example", c"other");
+/// let a = other.new_fence(GFP_KERNEL)?;
+/// let b = other.new_fence(GFP_KERNEL)?;
+///
+/// // Zero credits, or more than the ring holds, are rejected at creation.
+/// assert_eq!(queue.new_job(0, ()).err(), Some(EINVAL));
+/// assert_eq!(queue.new_job(5, ()).err(), Some(EINVAL));
+///
+/// let mut job = queue.new_job(2, ())?;
+/// job.add_dependency(a.to_aref())?;
+/// // Dependencies are deduplicated per context, keeping the later fence.
+/// job.add_dependency(b.to_aref())?;
+/// // Signalled dependencies are dropped at once.
+/// job.add_dependency(DmaFence::stub())?;
+/// assert_eq!(job.dependencies(), 1);
+///
+/// let done = queue.submit(job)?;
+/// a.signal(Ok(()));
+/// b.signal(Ok(()));
+/// done.wait()?;
+/// # Ok::<(), Error>(())
+/// ```
+pub struct Job<T: Backend> {
+    pub(super) queue: Arc<Inner<T>>,
+    pub(super) credits: u32,
+    pub(super) payload: T::Job,
+    pub(super) deps: KVec<ARef<DmaFence>>,
+    pub(super) error: Option<Error>,
+    pub(super) fence: FenceAllocation,
+    pub(super) node: KBox<MaybeUninit<JobNode<T>>>,
+    pub(super) reservation: RBTreeNodeReservation<u64, Pin<KBox<JobNode<T>>>>,
+}
+
+impl<T: Backend> Job<T> {
+    pub(super) fn new(queue: &Arc<Inner<T>>, credits: u32, payload: T::Job) -> Result<Self> {
+        if credits == 0 || credits > queue.capacity {
+            return Err(EINVAL);
+        }
+        Ok(Self {
+            queue: queue.clone(),
+            credits,
+            payload,
+            deps: KVec::new(),
+            error: None,
+            fence: FenceAllocation::new(GFP_KERNEL)?,
+            node: KBox::new_uninit(GFP_KERNEL)?,
+            reservation: RBTreeNodeReservation::new(GFP_KERNEL)?,
+        })
+    }
+
+    /// Makes the job wait for `fence` before it runs.
+    ///
+    /// Any fence works, made in Rust or in C, from this queue, another queue or another driver.
+    /// A fence that has signalled already is dropped at once (its error, if any, is kept: the job
+    /// will not run and its done fence carries the error). Of several fences of one context only
+    /// the later one is kept. Fails with `EINVAL` for a fence of this queue that has not been
+    /// submitted yet (the job would wait for itself or a later job), and with `ENOMEM`.
+    pub fn add_dependency(&mut self, fence: ARef<DmaFence>) -> Result {
+        if let Some(status) = fence.status() {
+            if let Err(e) = status {
+                self.error.get_or_insert(e);
+            }
+            return Ok(());
+        }
+        let ctx = &self.queue.fence_ctx;
+        if fence.context() == ctx.context() && fence.seqno() > ctx.last_seqno() {
+            return Err(EINVAL);
+        }
+        for dep in self.deps.iter_mut() {
+            if dep.context() == fence.context() {
+                if fence.is_later(dep)? {
+                    *dep = fence;
+                }
+                return Ok(());
+            }
+        }
+        self.deps.push(fence, GFP_KERNEL)?;
+        Ok(())
+    }
+
+    /// Returns the number of dependencies the job waits for.
+    pub fn dependencies(&self) -> usize {
+        self.deps.len()
+    }
+
+    /// Returns the credits the job takes on the ring while it runs.
+    pub fn credits(&self) -> u32 {
+        self.credits
+    }
+
+    /// Returns the driver's data of the job.
+    pub fn payload(&self) -> &T::Job {
+        &self.payload
+    }
+
+    /// Returns the driver's data of the job.
+    pub fn payload_mut(&mut self) -> &mut T::Job {
+        &mut self.payload
+    }
+}
+
+/// A submitted job, as the queue hands it to its [`Backend`].
+///
+/// Dereferences to the driver's data of the job.
+pub struct JobRef<'a, T: Backend> {
+    node: Pin<&'a mut JobNode<T>>,
+}
+
+impl<'a, T: Backend> JobRef<'a, T> {
+    pub(super) fn new(node: Pin<&'a mut JobNode<T>>) -> Self {
+        Self { node }
+    }
+
+    /// Returns the credits the job takes on the ring.
+    pub fn credits(&self) -> u32 {
+        self.node.credits
+    }
+
+    /// Returns the job's done fence.
+    ///
+    /// Its sequence number orders the jobs of the queue and can serve as the ring's completion
+    /// value.
+    pub fn done_fence(&self) -> &DmaFence {
+        self.node.done.fence()
+    }
+}
+
+impl<T: Backend> Deref for JobRef<'_, T> {
+    type Target = T::Job;
+
+    fn deref(&self) -> &T::Job {
+        &self.node.payload
+    }
+}
+
+impl<T: Backend> DerefMut for JobRef<'_, T> {
+    fn deref_mut(&mut self) -> &mut T::Job {
+        self.node.as_mut().project().payload
+    }
+}

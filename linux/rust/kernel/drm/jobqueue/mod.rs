@@ -1,0 +1,248 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+
+//! A job queue for GPU drivers whose firmware schedules the hardware.
+//!
+//! A [`JobQueue`] serves one firmware ring (a Tyr/Panthor CSF queue, a Nova channel): jobs run in
+//! submission order, each once its dependencies have signalled and the ring has room for it. The
+//! driver says how to run a job and gets back, at submission, the job's *done fence*: a
+//! [`DmaFence`] that signals when the job has finished, with its error, and that it can share with
+//! userspace (syncobjs, sync files) and other drivers.
+//!
+//! The queue is built on [`dma_fence`](crate::dma_fence) alone: a [`ProxyFence`](crate::dma_fence::ProxyFence) makes each
+//! done fence follow the hardware fence that [`Backend::run`] returns, and
+//! [`EnqueueWork`](crate::dma_fence::EnqueueWork) callbacks move every other reaction to a fence into process context. Drivers never see a
+//! fence callback.
+//!
+//! # Job lifecycle
+//!
+//! ```text
+//!  JobQueue::new_job()        all allocations happen here and in add_dependency()
+//!        |
+//!        v
+//!   +---------+  JobQueue::submit()   point of no return: the done fence exists and will
+//!   |   Job   | ------------------->  signal exactly once, whatever happens
+//!   +---------+                       |
+//!                                     v
+//!                              +-------------+  a dependency failed     +------------+
+//!                              |   waiting   | -----------------------> |  finished  |
+//!                              | (deps, room)|   Backend::run() failed  | done fence |
+//!                              +-------------+   queue torn down        | = error    |
+//!                                     |          (in order)             +------------+
+//!             dependencies signalled, |                                       ^
+//!             credits available       v                                       |
+//!                              +-------------+  hardware fence signals  +------------+
+//!                              |   running   | -----------------------> |  finished  |
+//!                              | Backend::run|   (done fence follows it,| done fence |
+//!                              +-------------+    with its error)       | = hw result|
+//!                               |    ^   |                              +------------+
+//!              timeout: Backend |    |   | stop() / reset                     |
+//!              ::timed_out()    +----+   v                                    v
+//!                                 resubmit, cancel, or continue      retired in process
+//!                                                                    context: credits back,
+//!                                                                    payload dropped
+//! ```
+//!
+//! # Rules the types enforce
+//!
+//! - Every allocation happens in [`JobQueue::new_job`] and [`Job::add_dependency`]; once
+//!   [`JobQueue::submit`] has started, nothing allocates, and submission cannot fail: it fails
+//!   only before it starts, handing the job back.
+//! - A done fence signals exactly once: by the hardware fence it follows, or with an error if the
+//!   job never ran (a dependency failed, `run` failed, the queue was torn down or the device is
+//!   gone). Done fences of a queue signal in submission order.
+//! - The driver's payload is dropped in process context only, by the queue's work, after the job
+//!   finished: its `Drop` may sleep.
+//! - Dropping the [`JobQueue`] cancels what has not run, waits (bounded by the job timeout) for
+//!   what is on the hardware, removes every callback from foreign fences and waits for its work
+//!   items: a hardware fence signalling later touches nothing of the queue.
+//!
+//! # Error, timeout and teardown semantics
+//!
+//! | event | done fence | [`Backend::cancelled`] |
+//! |---|---|---|
+//! | hardware fence signals `Ok`/`Err(e)` | `Ok`/`Err(e)` | no |
+//! | a dependency signalled `Err(e)` (job not run) | `Err(e)` | yes |
+//! | [`Backend::run`] returned `Err(e)` | `Err(e)` | yes |
+//! | timed out, [`TimeoutAction::Reset`] | `-ETIMEDOUT` | yes |
+//! | on the hardware at a reset with [`Recovery::Cancel`]`(e)` | `Err(e)` | yes |
+//! | [`TimeoutAction::DeviceGone`] | `-ENODEV` | yes |
+//! | not run when the queue is dropped | `-ECANCELED` | yes |
+//! | still running a job timeout after the queue was dropped | `-ETIMEDOUT` | yes |
+//!
+//! # Examples
+//!
+//! A backend whose "hardware" completes every job at once:
+//!
+//! ```
+//! use kernel::dma_fence::{DmaFence, FenceContext};
+//! use kernel::drm::jobqueue::{Backend, JobQueue, JobRef, QueueOptions, TimeoutAction};
+//! use kernel::sync::aref::ARef;
+//! use kernel::time::Delta;
+//!
+//! struct Ring {
+//!     hw: FenceContext,
+//! }
+//!
+//! impl Backend for Ring {
+//!     type Job = u32;
+//!
+//!     fn run(&self, job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
+//!         // A real driver writes the job into its ring here and returns the fence its
+//!         // interrupt handler signals.
+//!         let fence = self.hw.new_fence(GFP_NOWAIT)?;
+//!         let shared = fence.to_aref();
+//!         fence.signal(if *job == 0 { Err(EINVAL) } else { Ok(()) });
+//!         Ok(shared)
+//!     }
+//!
+//!     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
+//!         TimeoutAction::NoHang
+//!     }
+//! }
+//!
+//! let ring = Ring { hw: FenceContext::new(c"example", c"ring0-hw") };
+//! let queue = JobQueue::new(
+//!     ring,
+//!     QueueOptions::new(c"example", c"ring0", 16, Some(Delta::from_secs(5))),
+//! )?;
+//!
+//! let first = queue.new_job(1, 7)?;
+//! let done_first = queue.submit(first)?;
+//!
+//! // The second job waits for the first one.
+//! let mut second = queue.new_job(1, 0)?;
+//! second.add_dependency(done_first.clone())?;
+//! let done_second = queue.submit(second)?;
+//!
+//! done_second.wait()?;
+//! assert_eq!(done_first.status(), Some(Ok(())));
+//! assert_eq!(done_second.status(), Some(Err(EINVAL)));
+//! # Ok::<(), Error>(())
+//! ```
+
+#![cfg(CONFIG_RUST_DRM_JOBQUEUE)]
+
+use crate::{
+    dma_fence::DmaFence,
+    prelude::*,
+    sync::aref::ARef,
+    time::Delta, //
+};
+
+mod job;
+mod queue;
+
+#[doc(inline)]
+pub use self::{
+    job::{
+        Job,
+        JobRef, //
+    },
+    queue::{
+        JobQueue,
+        QueueStats,
+        StoppedQueue,
+        SubmitError, //
+    }, //
+};
+
+/// The nesting level of done fences by default: one above plain hardware fences.
+pub const DONE_FENCE_LEVEL: u32 = 1;
+
+/// What a driver provides to run the jobs of a [`JobQueue`].
+///
+/// The methods are called from the queue's work item, in process context, one at a time per
+/// queue, with the queue's internal lock held and inside a fence signalling critical section
+/// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
+/// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call back into the same queue
+/// (submit, stop, drop).
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// The driver's data for one job.
+    ///
+    /// Dropped in process context, after the job finished; its `Drop` may sleep.
+    type Job: Send + 'static;
+
+    /// Hands `job` to the hardware and returns the fence the hardware signals when the job is
+    /// done (in order with the other jobs of the ring), or an error if it could not be run.
+    ///
+    /// Called again for the same job if it is resubmitted after a reset
+    /// ([`Recovery::Resubmit`]).
+    fn run(&self, job: JobRef<'_, Self>) -> Result<ARef<DmaFence>>;
+
+    /// Called when `job` has been running for longer than the queue's timeout.
+    fn timed_out(&self, job: JobRef<'_, Self>) -> TimeoutAction;
+
+    /// Called for a job that finishes without the hardware completing it, with the error its
+    /// done fence carries (see the table in the [module documentation](self)), just before its
+    /// payload is dropped. Does nothing by default.
+    fn cancelled(&self, job: JobRef<'_, Self>, error: Error) {
+        let _ = (job, error);
+    }
+}
+
+/// What [`Backend::timed_out`] did about a job that timed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeoutAction {
+    /// The job is making progress: wait another timeout period.
+    NoHang,
+    /// The driver reset the ring. The timed-out job's done fence signals `-ETIMEDOUT`; the
+    /// other jobs that were on the hardware are recovered as [`Recovery`] says.
+    Reset(Recovery),
+    /// The device is gone: every job that has not finished is cancelled with `-ENODEV`, and the
+    /// queue takes no more jobs.
+    DeviceGone,
+}
+
+/// What happens to the jobs that were on the hardware when a queue resumes after a stop or a
+/// reset.
+///
+/// Jobs whose hardware fence had signalled before the stop finish normally in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing happened to them: keep following their hardware fences.
+    Continue,
+    /// The ring was reset and lost them: run them again, in order.
+    Resubmit,
+    /// The ring was reset and lost them: their done fences signal this error.
+    Cancel(Error),
+}
+
+/// How to create a [`JobQueue`].
+pub struct QueueOptions {
+    /// The driver name of the done fences, as in `/sys/kernel/debug/sync` and traces.
+    pub driver_name: &'static CStr,
+    /// The name of the queue: the timeline name of its done fences and the name of its
+    /// workqueue.
+    pub name: &'static CStr,
+    /// The room on the ring, in credits. A job takes between 1 and this many credits.
+    pub capacity: u32,
+    /// How long a job may run before [`Backend::timed_out`] is called. [`None`] for no timeout.
+    pub timeout: Option<Delta>,
+    /// The workqueue the queue's work runs on; by default an ordered `WQ_MEM_RECLAIM` queue of
+    /// its own.
+    pub workqueue: Option<crate::dma_fence::WorkQueueRef>,
+    /// The nesting level of the done fences (see
+    /// [`FenceContext::new_nested`](crate::dma_fence::FenceContext::new_nested)): the hardware
+    /// fences returned by [`Backend::run`] must be of a lower level. [`DONE_FENCE_LEVEL`] by
+    /// default.
+    pub done_fence_level: u32,
+}
+
+impl QueueOptions {
+    /// Options with the given names, capacity and timeout, and the defaults for the rest.
+    pub fn new(
+        driver_name: &'static CStr,
+        name: &'static CStr,
+        capacity: u32,
+        timeout: Option<Delta>,
+    ) -> Self {
+        Self {
+            driver_name,
+            name,
+            capacity,
+            timeout,
+            workqueue: None,
+            done_fence_level: DONE_FENCE_LEVEL,
+        }
+    }
+}
