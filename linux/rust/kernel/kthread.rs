@@ -58,7 +58,10 @@
 //!     Worker, //
 //! };
 //! use kernel::sync::{
-//!     atomic::{ordering, Atomic},
+//!     atomic::{
+//!         Atomic,
+//!         Relaxed, //
+//!     },
 //!     Arc, //
 //! };
 //!
@@ -76,7 +79,7 @@
 //!
 //! impl KthreadWorkItem for Job {
 //!     fn run(this: Arc<Job>) {
-//!         this.result.store(this.value * 2, ordering::Relaxed);
+//!         this.result.store(this.value * 2, Relaxed);
 //!     }
 //! }
 //!
@@ -87,7 +90,7 @@
 //! )?;
 //! worker.queue(job.clone()).map_err(|_| EBUSY)?;
 //! worker.flush();
-//! assert_eq!(job.result.load(ordering::Relaxed), 42);
+//! assert_eq!(job.result.load(Relaxed), 42);
 //! # Ok::<(), Error>(())
 //! ```
 //!
@@ -101,8 +104,8 @@ use crate::{
     prelude::*,
     sync::{
         atomic::{
-            ordering,
-            Atomic, //
+            Atomic,
+            Relaxed, //
         },
         Arc, //
     },
@@ -222,7 +225,7 @@ impl Worker {
     ///
     /// ```
     /// # use kernel::kthread::{impl_has_kthread_work, KthreadWork, KthreadWorkItem};
-    /// # use kernel::sync::{atomic::{ordering, Atomic}, Arc};
+    /// # use kernel::sync::{atomic::{Atomic, Relaxed}, Arc};
     /// use kernel::kthread::Worker;
     ///
     /// # #[pin_data]
@@ -236,7 +239,7 @@ impl Worker {
     /// # }
     /// # impl KthreadWorkItem for Job {
     /// #     fn run(this: Arc<Job>) {
-    /// #         this.runs.add(1, ordering::Relaxed);
+    /// #         this.runs.add(1, Relaxed);
     /// #     }
     /// # }
     /// # let job = Arc::pin_init(
@@ -249,7 +252,7 @@ impl Worker {
     ///     pr_info!("the job was already pending\n");
     /// }
     /// worker.flush();
-    /// assert_eq!(job.runs.load(ordering::Relaxed), 1);
+    /// assert_eq!(job.runs.load(Relaxed), 1);
     /// # Ok::<(), Error>(())
     /// ```
     pub fn queue<T, const ID: u64>(&self, item: Arc<T>) -> Result<(), Arc<T>>
@@ -314,7 +317,7 @@ impl Worker {
     ///
     /// ```
     /// # use kernel::kthread::{impl_has_kthread_work, KthreadWork, KthreadWorkItem};
-    /// # use kernel::sync::{atomic::{ordering, Atomic}, Arc};
+    /// # use kernel::sync::{atomic::{Atomic, Relaxed}, Arc};
     /// use kernel::kthread::Worker;
     ///
     /// # #[pin_data]
@@ -328,7 +331,7 @@ impl Worker {
     /// # }
     /// # impl KthreadWorkItem for Job {
     /// #     fn run(this: Arc<Job>) {
-    /// #         this.runs.add(1, ordering::Relaxed);
+    /// #         this.runs.add(1, Relaxed);
     /// #     }
     /// # }
     /// # let job = Arc::pin_init(
@@ -338,7 +341,7 @@ impl Worker {
     /// let worker = Worker::new(c"example_flush_work")?;
     /// worker.queue(job.clone()).map_err(|_| EBUSY)?;
     /// worker.flush_work(&*job);
-    /// assert_eq!(job.runs.load(ordering::Relaxed), 1);
+    /// assert_eq!(job.runs.load(Relaxed), 1);
     /// # Ok::<(), Error>(())
     /// ```
     pub fn flush_work<T, const ID: u64>(&self, item: &T)
@@ -353,7 +356,7 @@ impl Worker {
 
         // Relaxed is enough: if the binding to `self` is not visible yet, neither is the queuing
         // that follows it, so there is nothing to wait for.
-        if work.worker.load(ordering::Relaxed) != self.ptr.as_ptr() {
+        if work.worker.load(Relaxed) != self.ptr.as_ptr() {
             return;
         }
 
@@ -367,10 +370,11 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // SAFETY: By the type invariants `self.ptr` is a running worker owned by `self`, and it is
-        // not used after this. Nobody can queue work on it any more: that takes a `&Worker`, and
-        // work items are `'static`. `kthread_destroy_worker()` runs the pending work items, whose
-        // functions reclaim the references that `Worker::queue()` gave the worker, then stops the
-        // thread.
+        // not used after this. Nothing can queue work on it while it is destroyed: queuing takes a
+        // `&Worker`, of which none is left, and work items, being `'static`, cannot borrow it
+        // either. So `kthread_destroy_worker()` leaves no work behind: it runs the pending work
+        // items, whose functions reclaim the references that `Worker::queue()` gave the worker,
+        // then stops the thread.
         unsafe { bindings::kthread_destroy_worker(self.ptr.as_ptr()) }
     }
 }
@@ -552,10 +556,10 @@ impl<T, const ID: u64> KthreadWork<T, ID> {
         //
         // Relaxed is enough: the compare-exchange only picks the one worker that may ever queue
         // `self.work`, and the queuing itself is ordered by that worker's lock.
-        match self.worker.cmpxchg(ptr::null_mut(), worker, ordering::Relaxed) {
-            Ok(_) => true,
-            Err(bound) => bound == worker,
-        }
+        let old = self.worker.cmpxchg(ptr::null_mut(), worker, Relaxed);
+
+        // Bound just now, or bound to `worker` before.
+        old.is_ok() || old == Err(worker)
     }
 
     /// The function of every `KthreadWork<T, ID>`: gives the work item's reference back to `T`.
@@ -700,7 +704,6 @@ mod tests {
             atomic::{
                 Acquire,
                 Full,
-                Relaxed,
                 Release, //
             },
             ArcBorrow,
@@ -993,7 +996,10 @@ mod tests {
     impl HrTimerCallback for IrqQueuer {
         type Pointer<'a> = Arc<Self>;
 
-        fn run(this: ArcBorrow<'_, Self>, _ctx: HrTimerCallbackContext<'_, Self>) -> HrTimerRestart {
+        fn run(
+            this: ArcBorrow<'_, Self>,
+            _ctx: HrTimerCallbackContext<'_, Self>,
+        ) -> HrTimerRestart {
             // SAFETY: `lockdep_assert_irqs_disabled()` can be called from any context.
             unsafe { bindings::lockdep_assert_irqs_disabled() };
 
