@@ -574,8 +574,11 @@ impl<T, const ID: u64> KthreadWork<T, ID> {
     where
         T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
     {
-        // SAFETY: By the safety requirements `ptr` is the `work` field of a `KthreadWork<T, ID>`.
-        let work = unsafe { container_of!(Opaque::cast_from(ptr).cast_mut(), Self, work) };
+        // CAST: `Opaque<T>` has the layout of `T`.
+        let work = Opaque::cast_from(ptr).cast_mut();
+
+        // SAFETY: By the safety requirements `work` is the `work` field of a `KthreadWork<T, ID>`.
+        let work = unsafe { container_of!(work, Self, work) };
 
         // SAFETY: By the safety requirements `work` was returned by `T::raw_get_kthread_work()`.
         let item = unsafe { T::kthread_work_container_of(work) };
