@@ -33,6 +33,7 @@
 //! | [`WakeTask`] | a task is woken up |
 //! | [`CompleteCompletion`] | a [`Completion`] is completed (`complete_all`) |
 //! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a workqueue: the real work runs in process context |
+//! | [`QueueKthreadWork`] | a [`KthreadWorkItem`] is queued on a [`kthread::Worker`] |
 //! | [`ProxyFence`] | another fence signals, with the same error |
 //!
 //! A [`FenceCallback`] holds one kind and the memory the C side needs. It is allocated and
@@ -82,6 +83,11 @@ use crate::{
     },
     bindings,
     container_of,
+    kthread::{
+        self,
+        HasKthreadWork,
+        KthreadWorkItem, //
+    },
     prelude::*,
     sync::{
         aref::{
@@ -1052,6 +1058,50 @@ where
     }
 }
 
+/// A [`CallbackKind`] that queues work on a [`kthread::Worker`].
+///
+/// Like [`EnqueueWork`], for drivers that run their work on a dedicated kernel thread (for
+/// example with a real-time priority).
+pub struct QueueKthreadWork<T, const ID: u64 = 0>
+where
+    T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
+{
+    worker: Arc<kthread::Worker>,
+    item: Arc<T>,
+}
+
+impl<T, const ID: u64> QueueKthreadWork<T, ID>
+where
+    T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
+{
+    /// Queues `item` on `worker` when the fence signals.
+    pub fn new(worker: Arc<kthread::Worker>, item: Arc<T>) -> Self {
+        Self { worker, item }
+    }
+
+    /// Returns the work item.
+    pub fn item(&self) -> &Arc<T> {
+        &self.item
+    }
+}
+
+impl<T, const ID: u64> private::Sealed for QueueKthreadWork<T, ID> where
+    T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>
+{
+}
+
+impl<T, const ID: u64> CallbackKind for QueueKthreadWork<T, ID>
+where
+    T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
+{
+    fn signalled(&self, _fence: &DmaFence, _: private::Token) {
+        // `kthread_queue_work()` takes the worker's raw spinlock with interrupts disabled: fine in
+        // any context. As in `EnqueueWork`, a clone handed back because the item is pending never
+        // drops the last reference, which `self.item` holds.
+        let _ = self.worker.queue::<T, ID>(self.item.clone());
+    }
+}
+
 /// The action of a [`ProxyFence`]: signal the proxy's fence with the source's result.
 ///
 /// # Invariants
@@ -1191,6 +1241,7 @@ mod tests {
     use super::*;
     use crate::{
         impl_has_hr_timer,
+        kthread::impl_has_kthread_work,
         new_spinlock_irq,
         sync::SpinLockIrq,
         time::hrtimer::{
@@ -1269,6 +1320,8 @@ mod tests {
     struct Counter {
         #[pin]
         work: Work<Counter>,
+        #[pin]
+        kwork: kthread::KthreadWork<Counter>,
         runs: Atomic<u32>,
         #[pin]
         ran: Completion,
@@ -1276,6 +1329,10 @@ mod tests {
 
     impl_has_work! {
         impl HasWork<Self> for Counter { self.work }
+    }
+
+    impl_has_kthread_work! {
+        impl HasKthreadWork<Self> for Counter { self.kwork }
     }
 
     impl WorkItem for Counter {
@@ -1287,11 +1344,19 @@ mod tests {
         }
     }
 
+    impl KthreadWorkItem for Counter {
+        fn run(this: Arc<Counter>) {
+            this.runs.add(1, ordering::Relaxed);
+            this.ran.complete_all();
+        }
+    }
+
     impl Counter {
         fn new() -> Result<Arc<Self>> {
             Arc::pin_init(
                 pin_init!(Self {
                     work <- new_work!("dma_fence_test::Counter"),
+                    kwork <- kthread::KthreadWork::new(),
                     runs: Atomic::new(0),
                     ran <- Completion::new(),
                 }),
@@ -1411,6 +1476,24 @@ mod tests {
             assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
             assert_eq!(counter.runs.load(ordering::Relaxed), 1);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn kthread_work_from_irq() -> Result {
+        let worker = Arc::new(kthread::Worker::new(c"rust_dma_fence_test")?, GFP_KERNEL)?;
+        let counter = Counter::new()?;
+        let fence = ctx().new_fence(GFP_KERNEL)?;
+        let mut cb = KBox::pin_init(
+            FenceCallback::new(QueueKthreadWork::new(worker.clone(), counter.clone())),
+            GFP_KERNEL,
+        )?;
+        assert_eq!(cb.as_mut().arm(fence.to_aref()), Armed::Waiting);
+        let (signaller, _timer) = IrqSignaller::start(fence, Ok(()), Delta::from_millis(2))?;
+        counter.ran.wait_for_completion();
+        worker.flush();
+        assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
+        assert_eq!(counter.runs.load(ordering::Relaxed), 1);
         Ok(())
     }
 

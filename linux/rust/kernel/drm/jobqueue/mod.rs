@@ -131,6 +131,7 @@ use crate::{
 
 mod job;
 mod queue;
+mod trace;
 
 #[doc(inline)]
 pub use self::{

@@ -15,6 +15,7 @@ use super::{
         Job,
         JobRef, //
     },
+    trace,
     Backend,
     QueueOptions,
     Recovery,
@@ -129,6 +130,7 @@ pub(super) struct Proc<T: Backend> {
 #[pin_data]
 pub(super) struct Inner<T: Backend> {
     backend: T,
+    name: &'static CStr,
     pub(super) capacity: u32,
     timeout: Option<Delta>,
     pub(super) fence_ctx: FenceContext,
@@ -182,6 +184,7 @@ fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, o
     let result = match outcome {
         Outcome::Completed(result) => result,
         Outcome::Cancelled(e) => {
+            trace::job_cancel(this.done.fence(), e);
             *this.cancelled = Some(e);
             Err(e)
         }
@@ -402,6 +405,15 @@ impl<T: Backend> Inner<T> {
                         proc.credits_in_use += credits;
                         proc.waiting -= 1;
                         proc.running += 1;
+                        if let JobState::Running { hw, .. } = &node.state {
+                            trace::job_run(
+                                self.name,
+                                node.done.fence(),
+                                hw,
+                                proc.waiting,
+                                proc.credits_in_use,
+                            );
+                        }
                         proc.last_released = Some(node.done.fence().clone());
                         proc.next_run += 1;
                         started = true;
@@ -478,6 +490,8 @@ impl<T: Backend> Inner<T> {
                 let this = node.as_mut().project();
                 counters.leave(this.state, *this.credits, this.holds_credits);
                 *this.state = JobState::Finished;
+                let done = this.done.fence();
+                trace::job_done(done, done.status().unwrap_or(Err(EINVAL)));
                 freed = true;
                 node
             };
@@ -536,6 +550,7 @@ impl<T: Backend> Inner<T> {
             return;
         };
         let action = self.backend.timed_out(JobRef::new(node.as_mut()));
+        trace::job_timeout(self.name, node.done.fence(), action);
         match action {
             TimeoutAction::NoHang => {
                 if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
@@ -621,6 +636,7 @@ impl<T: Backend> JobQueue<T> {
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 backend,
+                name: options.name,
                 capacity: options.capacity,
                 timeout: options.timeout,
                 fence_ctx,
@@ -698,6 +714,10 @@ impl<T: Backend> JobQueue<T> {
         let done = self.inner.fence_ctx.init_fence(fence);
         let seqno = done.seqno();
         let done_ref = done.to_aref();
+        let deps_count = deps.len();
+        for dep in deps.iter() {
+            trace::job_add_dep(&done_ref, dep);
+        }
         let init = pin_init!(JobNode {
             payload,
             credits,
@@ -711,6 +731,14 @@ impl<T: Backend> JobQueue<T> {
         let Ok(node) = KBox::write_pin_init(node, init);
         guard.jobs.insert(reservation.into_node(seqno, node));
         guard.waiting += 1;
+        trace::job_queue(
+            self.inner.name,
+            &done_ref,
+            credits,
+            deps_count,
+            guard.waiting,
+            guard.credits_in_use,
+        );
         drop(guard);
         self.inner.kick_run();
         Ok(done_ref)
@@ -727,6 +755,7 @@ impl<T: Backend> JobQueue<T> {
         proc.stopped += 1;
         proc.detach_running();
         drop(proc);
+        trace::queue_stop(self.inner.name, self.context());
         StoppedQueue {
             queue: self,
             resumed: false,
@@ -781,6 +810,7 @@ impl<T: Backend> JobQueue<T> {
             return true;
         };
         let action = self.inner.backend.timed_out(JobRef::new(node.as_mut()));
+        trace::job_timeout(self.inner.name, node.done.fence(), action);
         match action {
             TimeoutAction::DeviceGone => {
                 proc.dead = true;
@@ -864,6 +894,7 @@ impl<T: Backend> StoppedQueue<'_, T> {
             proc.recover(recovery, None);
             proc.stopped -= 1;
         }
+        trace::queue_start(inner.name, inner.fence_ctx.context(), recovery);
         inner.kick_run();
         inner.kick_retire();
         if let Some(timeout) = inner.timeout {
