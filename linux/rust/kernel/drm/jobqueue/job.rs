@@ -75,7 +75,6 @@ pub struct Job<T: Backend> {
     pub(super) credits: u32,
     pub(super) payload: T::Job,
     pub(super) deps: KVec<ARef<DmaFence>>,
-    pub(super) error: Option<Error>,
     pub(super) fence: FenceAllocation,
     pub(super) node: KBox<MaybeUninit<JobNode<T>>>,
     pub(super) reservation: RBTreeNodeReservation<u64, Pin<KBox<JobNode<T>>>>,
@@ -91,7 +90,6 @@ impl<T: Backend> Job<T> {
             credits,
             payload,
             deps: KVec::new(),
-            error: None,
             fence: FenceAllocation::new(GFP_KERNEL)?,
             node: KBox::new_uninit(GFP_KERNEL)?,
             reservation: RBTreeNodeReservation::new(GFP_KERNEL)?,
@@ -101,30 +99,31 @@ impl<T: Backend> Job<T> {
     /// Makes the job wait for `fence` before it runs.
     ///
     /// Any fence works, made in Rust or in C, from this queue, another queue or another driver.
-    /// A fence that has signalled already is dropped at once (its error, if any, is kept: the job
-    /// will not run and its done fence carries the error). Of several fences of one context only
-    /// the later one is kept. Fails with `EINVAL` for a fence of this queue that has not been
-    /// submitted yet (the job would wait for itself or a later job), and with `ENOMEM`.
+    /// Of several fences of one context only the later one is kept: it stands for the others, its
+    /// result decides. A fence that has signalled successfully is dropped at once. If a kept
+    /// fence signals an error, the job does not run and its done fence carries the error.
+    ///
+    /// Fails with `EINVAL` for a fence of this queue that has not been submitted yet (the job
+    /// would wait for itself or a later job), and with `ENOMEM`.
     pub fn add_dependency(&mut self, fence: ARef<DmaFence>) -> Result {
-        if let Some(status) = fence.status() {
-            if let Err(e) = status {
-                self.error.get_or_insert(e);
-            }
-            return Ok(());
-        }
         let ctx = &self.queue.fence_ctx;
         if fence.context() == ctx.context() && fence.seqno() > ctx.last_seqno() {
             return Err(EINVAL);
         }
-        for dep in self.deps.iter_mut() {
-            if dep.context() == fence.context() {
-                if fence.is_later(dep)? {
-                    *dep = fence;
+        let succeeded = fence.status() == Some(Ok(()));
+        if let Some(pos) = self.deps.iter().position(|d| d.context() == fence.context()) {
+            if fence.is_later(&self.deps[pos])? {
+                if succeeded {
+                    let _ = self.deps.remove(pos);
+                } else {
+                    self.deps[pos] = fence;
                 }
-                return Ok(());
             }
+            return Ok(());
         }
-        self.deps.push(fence, GFP_KERNEL)?;
+        if !succeeded {
+            self.deps.push(fence, GFP_KERNEL)?;
+        }
         Ok(())
     }
 

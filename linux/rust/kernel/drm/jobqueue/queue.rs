@@ -15,11 +15,7 @@ use super::{
         Job,
         JobRef, //
     },
-    trace,
-    Backend,
-    QueueOptions,
-    Recovery,
-    TimeoutAction,
+    trace, Backend, QueueOptions, Recovery, TimeoutAction,
 };
 use crate::{
     dma_fence::{
@@ -34,14 +30,13 @@ use crate::{
     },
     impl_has_delayed_work,
     impl_has_work,
-    new_delayed_work,
-    new_mutex,
-    new_work,
     prelude::*,
     rbtree::RBTree,
     sync::{
         aref::ARef,
+        static_lock_class,
         Arc,
+        LockClassKey,
         Mutex, //
     },
     time::{
@@ -61,6 +56,31 @@ use crate::{
 const RUN: u64 = 1;
 const RETIRE: u64 = 2;
 const TIMEOUT: u64 = 3;
+
+/// Lock class keys and names of every queue.
+///
+/// They are defined once, outside the generic code: a `static` in a generic function is shared
+/// by all its instances, but a name literal would be duplicated per crate, which lockdep rejects.
+fn proc_lock_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
+fn run_work_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
+fn retire_work_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
+fn timeout_work_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
+fn timeout_timer_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
+static PROC_LOCK_NAME: &CStr = c"drm_jobqueue:proc";
+static RUN_WORK_NAME: &CStr = c"drm_jobqueue:run_work";
+static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
+static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
+static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
@@ -224,7 +244,7 @@ fn attach<T: Backend>(node: Pin<&mut JobNode<T>>, hw: Result<ARef<DmaFence>>) ->
         // Signalled already: the done fence must still wait for the jobs before it.
         return Some(Outcome::Completed(result));
     }
-    let this = node.project();
+    let mut this = node.project();
     if let Err(e) = this.done.as_mut().follow(hw.clone()) {
         return Some(Outcome::Cancelled(e));
     }
@@ -238,7 +258,10 @@ fn attach<T: Backend>(node: Pin<&mut JobNode<T>>, hw: Result<ARef<DmaFence>>) ->
 }
 
 /// Arms the dependency callback on `fence`; returns `true` if the fence is still pending.
-fn wait_on<T: Backend>(dep_cb: &mut Option<Pin<KBox<DepCallback<T>>>>, fence: ARef<DmaFence>) -> bool {
+fn wait_on<T: Backend>(
+    dep_cb: &mut Option<Pin<KBox<DepCallback<T>>>>,
+    fence: ARef<DmaFence>,
+) -> bool {
     match dep_cb.as_mut() {
         Some(cb) => cb.as_mut().arm(fence) == Armed::Waiting,
         // Only while the queue is dying: stop processing.
@@ -361,7 +384,9 @@ impl<T: Backend> Inner<T> {
     }
 
     fn arm_timeout(self: &Arc<Self>, after: Delta) {
-        let jiffies = crate::time::msecs_to_jiffies(after.as_millis_ceil().clamp(1, i64::from(i32::MAX)) as u32);
+        let jiffies = crate::time::msecs_to_jiffies(
+            after.as_millis_ceil().clamp(1, i64::from(i32::MAX)) as u32,
+        );
         let _ = self
             .wq
             .queue()
@@ -603,7 +628,9 @@ impl<T: Backend> From<SubmitError<T>> for Error {
 
 impl<T: Backend> core::fmt::Debug for SubmitError<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("SubmitError").field("error", &self.error).finish()
+        f.debug_struct("SubmitError")
+            .field("error", &self.error)
+            .finish()
     }
 }
 
@@ -624,15 +651,13 @@ impl<T: Backend> JobQueue<T> {
         if options.capacity == 0 {
             return Err(EINVAL);
         }
-        let fence_ctx = FenceContext::new_nested(
-            options.driver_name,
-            options.name,
-            options.done_fence_level,
-        )?;
+        let fence_ctx =
+            FenceContext::new_nested(options.driver_name, options.name, options.done_fence_level)?;
         let wq = match options.workqueue {
             Some(wq) => wq,
             None => Arc::new(OwnedQueue::new_ordered(options.name)?, GFP_KERNEL)?.into(),
         };
+        let inner_wq = wq.clone();
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 backend,
@@ -640,8 +665,8 @@ impl<T: Backend> JobQueue<T> {
                 capacity: options.capacity,
                 timeout: options.timeout,
                 fence_ctx,
-                wq: wq.clone(),
-                proc <- new_mutex!(Proc {
+                wq: inner_wq,
+                proc <- Mutex::new(Proc {
                     jobs: RBTree::new(),
                     next_run: 1,
                     last_released: None,
@@ -653,10 +678,15 @@ impl<T: Backend> JobQueue<T> {
                     dying: false,
                     dep_cb: None,
                     retire_cb: None,
-                }),
-                run_work <- new_work!("JobQueue::run_work"),
-                retire_work <- new_work!("JobQueue::retire_work"),
-                timeout_work <- new_delayed_work!("JobQueue::timeout_work"),
+                }, PROC_LOCK_NAME, proc_lock_class()),
+                run_work <- Work::new(RUN_WORK_NAME, run_work_class()),
+                retire_work <- Work::new(RETIRE_WORK_NAME, retire_work_class()),
+                timeout_work <- DelayedWork::new(
+                    TIMEOUT_WORK_NAME,
+                    timeout_work_class(),
+                    TIMEOUT_TIMER_NAME,
+                    timeout_timer_class(),
+                ),
             }),
             GFP_KERNEL,
         )?;
@@ -705,7 +735,6 @@ impl<T: Backend> JobQueue<T> {
             credits,
             payload,
             deps,
-            error,
             fence,
             node,
             reservation,
@@ -722,7 +751,7 @@ impl<T: Backend> JobQueue<T> {
             payload,
             credits,
             deps,
-            outcome: error.map(Outcome::Cancelled),
+            outcome: None,
             state: JobState::Waiting,
             holds_credits: false,
             cancelled: None,
@@ -788,12 +817,16 @@ impl<T: Backend> JobQueue<T> {
     fn teardown_wait_one(&self, limit: Delta) -> bool {
         let next = {
             let proc = self.inner.proc.lock();
-            proc.jobs.iter().find_map(|(&seqno, node)| match &node.state {
-                JobState::Running {
-                    detached: false, ..
-                } if !node.done.fence().is_signaled() => Some((seqno, node.done.fence().clone())),
-                _ => None,
-            })
+            proc.jobs
+                .iter()
+                .find_map(|(&seqno, node)| match &node.state {
+                    JobState::Running {
+                        detached: false, ..
+                    } if !node.done.fence().is_signaled() => {
+                        Some((seqno, node.done.fence().clone()))
+                    }
+                    _ => None,
+                })
         };
         let Some((seqno, done)) = next else {
             return false;

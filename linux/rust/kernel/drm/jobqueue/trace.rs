@@ -78,7 +78,14 @@ fn errno(result: Result) -> c_int {
 }
 
 /// A job was submitted.
-pub(super) fn job_queue(name: &CStr, done: &DmaFence, credits: u32, deps: usize, waiting: u32, credits_in_use: u32) {
+pub(super) fn job_queue(
+    name: &CStr,
+    done: &DmaFence,
+    credits: u32,
+    deps: usize,
+    waiting: u32,
+    credits_in_use: u32,
+) {
     let deps = u32::try_from(deps).unwrap_or(u32::MAX);
     // SAFETY: `name` is a valid string.
     unsafe {
@@ -101,7 +108,13 @@ pub(super) fn job_add_dep(done: &DmaFence, dep: &DmaFence) {
 }
 
 /// A job was handed to the hardware.
-pub(super) fn job_run(name: &CStr, done: &DmaFence, hw: &DmaFence, waiting: u32, credits_in_use: u32) {
+pub(super) fn job_run(
+    name: &CStr,
+    done: &DmaFence,
+    hw: &DmaFence,
+    waiting: u32,
+    credits_in_use: u32,
+) {
     // SAFETY: `name` is a valid string.
     unsafe {
         drm_jobqueue_job_run(
@@ -139,7 +152,12 @@ pub(super) fn job_timeout(name: &CStr, done: &DmaFence, action: TimeoutAction) {
     };
     // SAFETY: `name` and `action` are valid strings.
     unsafe {
-        drm_jobqueue_job_timeout(name.as_char_ptr(), done.context(), done.seqno(), action.as_char_ptr())
+        drm_jobqueue_job_timeout(
+            name.as_char_ptr(),
+            done.context(),
+            done.seqno(),
+            action.as_char_ptr(),
+        )
     }
 }
 
