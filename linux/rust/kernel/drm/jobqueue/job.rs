@@ -111,7 +111,11 @@ impl<T: Backend> Job<T> {
             return Err(EINVAL);
         }
         let succeeded = fence.status() == Some(Ok(()));
-        if let Some(pos) = self.deps.iter().position(|d| d.context() == fence.context()) {
+        if let Some(pos) = self
+            .deps
+            .iter()
+            .position(|d| d.context() == fence.context())
+        {
             if fence.is_later(&self.deps[pos])? {
                 if succeeded {
                     let _ = self.deps.remove(pos);

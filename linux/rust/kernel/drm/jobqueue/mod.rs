@@ -152,11 +152,13 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 
 /// What a driver provides to run the jobs of a [`JobQueue`].
 ///
-/// The methods are called from the queue's work item, in process context, one at a time per
-/// queue, with the queue's internal lock held and inside a fence signalling critical section
+/// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items (or its
+/// teardown), in process context, one at a time per queue, with the queue's internal lock held
+/// and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call back into the same queue
-/// (submit, stop, drop).
+/// (submit, stop, drop). [`Backend::cancelled`] is called in process context without the lock,
+/// outside any signalling section.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///
@@ -217,7 +219,9 @@ pub struct QueueOptions {
     pub name: &'static CStr,
     /// The room on the ring, in credits. A job takes between 1 and this many credits.
     pub capacity: u32,
-    /// How long a job may run before [`Backend::timed_out`] is called. [`None`] for no timeout.
+    /// How long a job may run before [`Backend::timed_out`] is called, counted from when it
+    /// started on the hardware: when [`Backend::run`] handed it over, or when the job before it
+    /// finished, whichever is later. [`None`] for no timeout.
     pub timeout: Option<Delta>,
     /// The workqueue the queue's work runs on; by default an ordered `WQ_MEM_RECLAIM` queue of
     /// its own.

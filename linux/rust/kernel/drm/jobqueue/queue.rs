@@ -484,6 +484,7 @@ impl<T: Backend> Inner<T> {
     /// them, in process context.
     fn retire(self: &Arc<Self>) {
         let mut freed = false;
+        let now = Instant::<Monotonic>::now();
         loop {
             let node = {
                 let mut guard = self.proc.lock();
@@ -523,7 +524,22 @@ impl<T: Backend> Inner<T> {
             self.drop_job(node);
         }
         if freed {
+            self.restart_clock(now);
             self.kick_run();
+        }
+    }
+
+    /// The oldest running job really started when the one before it finished: its timeout
+    /// counts from `now`, not from when it was handed to the ring behind other jobs.
+    fn restart_clock(&self, now: Instant<Monotonic>) {
+        let mut proc = self.proc.lock();
+        for (_, node) in proc.jobs.iter_mut() {
+            if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
+                if *started < now {
+                    *started = now;
+                }
+                break;
+            }
         }
     }
 
