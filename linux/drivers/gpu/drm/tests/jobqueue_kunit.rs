@@ -868,6 +868,9 @@ mod tests {
         set_deadline: None,
     };
 
+    /// # Safety
+    ///
+    /// Called by the C side with a valid fence; the fence is not used.
     unsafe extern "C" fn c_name(_fence: *mut kernel::bindings::dma_fence) -> *const c_char {
         c"c-fence".as_char_ptr()
     }
