@@ -15,7 +15,11 @@ use super::{
         Job,
         JobRef, //
     },
-    trace, Backend, QueueOptions, Recovery, TimeoutAction,
+    trace,
+    Backend,
+    QueueOptions,
+    Recovery,
+    TimeoutAction, //
 };
 use crate::{
     dma_fence::{
