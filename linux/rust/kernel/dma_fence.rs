@@ -480,9 +480,13 @@ impl FenceAllocation {
 /// timeline must signal in the order of their sequence numbers: other drivers rely on that to
 /// tell which fence is later.
 ///
-/// The names are `'static` and only read while a fence is unsignalled; since fences detach from
-/// their producer when they signal and module unloading waits for an RCU grace period, fences may
-/// outlive both the context and the module that created them.
+/// The names are `'static` and only read while a fence is unsignalled, under RCU
+/// (`dma_fence_driver_name()`, `dma_fence_timeline_name()`). Fences of a context detach from its
+/// code and names when they signal (they have neither `release` nor `wait` operations), and
+/// unloading a module waits for an RCU grace period (`synchronize_rcu()` in `free_module()`)
+/// before its memory goes, so signalled fences may outlive the context and the module that
+/// created them. Every fence of a module is signalled before it unloads: a [`UniqueFence`]
+/// signals `-ECANCELED` when dropped.
 ///
 /// # Examples
 ///
