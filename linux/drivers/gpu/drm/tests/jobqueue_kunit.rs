@@ -977,9 +977,7 @@ mod tests {
         job.payload_mut().behaviour = Behaviour::Hang;
         let done = f.queue().submit(job)?;
         // Let it reach the ring.
-        while f.queue().stats().running == 0 {
-            fsleep(us(500));
-        }
+        wait_runs(&f, 1);
         // Teardown waits a timeout, asks the backend, then cuts the job loose.
         let (ring, stats) = f.teardown();
         assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
@@ -1107,55 +1105,58 @@ mod tests {
         Ok(())
     }
 
+    /// Waits (bounded) until the backend has run `n` jobs in all.
+    fn wait_runs(f: &Fixture, n: u32) {
+        let mut tries = 0;
+        while Stats::get(&f.stats.runs) < n && tries < 10_000 {
+            fsleep(us(200));
+            tries += 1;
+        }
+    }
+
     #[test]
     fn stop_and_resume() -> Result {
         let f = Fixture::new(c"stop", 4, None)?;
         // Continue: jobs on the hardware keep their hardware fences.
         let a = f.submit_simple(Delta::from_millis(20))?;
-        while f.queue().stats().running == 0 {
-            fsleep(us(200));
-        }
+        wait_runs(&f, 1);
         let stopped = f.queue().stop();
         let b = f.submit_simple(us(10))?;
         fsleep(Delta::from_millis(40));
         assert_eq!(b.status(), None);
+        assert_eq!(Stats::get(&f.stats.runs), 1);
         stopped.resume(Recovery::Continue);
-        wait(&b)?;
+        assert_eq!(wait(&b), Ok(()));
         assert_eq!(a.status(), Some(Ok(())));
 
         // Cancel: the ring was reset and the jobs on it are lost.
         let mut hang = f.job(1, us(10))?;
         hang.payload_mut().behaviour = Behaviour::Hang;
         let c = f.queue().submit(hang)?;
-        while f.queue().stats().running == 0 {
-            fsleep(us(200));
-        }
+        wait_runs(&f, 3);
         let stopped = f.queue().stop();
         f.ring.reset();
         stopped.resume(Recovery::Cancel(ECANCELED));
-        wait(&c)?;
+        assert_eq!(wait(&c), Ok(()));
         assert_eq!(c.status(), Some(Err(ECANCELED)));
 
-        // Resubmit: run again after the reset, and complete.
+        // Resubmit: run again after the reset.
         let mut hang = f.job(1, us(10))?;
         hang.payload_mut().behaviour = Behaviour::Hang;
         let d = f.queue().submit(hang)?;
-        while f.queue().stats().running == 0 {
-            fsleep(us(200));
-        }
-        let runs = Stats::get(&f.stats.runs);
+        wait_runs(&f, 4);
         {
             let stopped = f.queue().stop();
             f.ring.reset();
             stopped.resume(Recovery::Resubmit);
         }
         // Run again, and hung again (the mock does what the payload says): reset and cancel.
-        fsleep(Delta::from_millis(5));
-        assert_eq!(Stats::get(&f.stats.runs), runs + 1);
+        wait_runs(&f, 5);
+        assert_eq!(Stats::get(&f.stats.runs), 5);
         let stopped = f.queue().stop();
         f.ring.reset();
         stopped.resume(Recovery::Cancel(EIO));
-        wait(&d)?;
+        assert_eq!(wait(&d), Ok(()));
         assert_eq!(d.status(), Some(Err(EIO)));
         Ok(())
     }
