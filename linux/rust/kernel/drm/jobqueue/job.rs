@@ -61,7 +61,7 @@ use core::{
 /// job.add_dependency(a.to_aref())?;
 /// // Dependencies are deduplicated per context, keeping the later fence.
 /// job.add_dependency(b.to_aref())?;
-/// // Signalled dependencies are dropped at once.
+/// // Signalled dependencies are not waited for.
 /// job.add_dependency(DmaFence::stub())?;
 /// assert_eq!(job.dependencies(), 1);
 ///
@@ -100,9 +100,10 @@ impl<T: Backend> Job<T> {
     /// Makes the job wait for `fence` before it runs.
     ///
     /// Any fence works, made in Rust or in C, from this queue, another queue or another driver.
-    /// Of several fences of one context only the later one is kept: it stands for the others, its
-    /// result decides. A fence that has signalled successfully is dropped at once. If a kept
-    /// fence signals an error, the job does not run and its done fence carries the error.
+    /// Of several fences of one context only the later one is kept: on a timeline it stands for
+    /// the earlier ones, and its result decides, in whatever order they were added. If a kept
+    /// fence signals an error, the job does not run and its done fence carries the error. Fences
+    /// that have signalled successfully are dropped when the job is submitted, before it waits.
     ///
     /// Fails with `EINVAL` for a fence of this queue that has not been submitted yet (the job
     /// would wait for itself or a later job), and with `ENOMEM`.
@@ -111,30 +112,37 @@ impl<T: Backend> Job<T> {
         if fence.context() == ctx.context() && fence.seqno() > ctx.last_seqno() {
             return Err(EINVAL);
         }
-        let succeeded = fence.status() == Some(Ok(()));
-        if let Some(pos) = self
+        if let Some(dep) = self
             .deps
-            .iter()
-            .position(|d| d.context() == fence.context())
+            .iter_mut()
+            .find(|d| d.context() == fence.context())
         {
-            if fence.is_later(&self.deps[pos])? {
-                if succeeded {
-                    let _ = self.deps.remove(pos);
-                } else {
-                    self.deps[pos] = fence;
-                }
+            if fence.is_later(dep)? {
+                *dep = fence;
             }
             return Ok(());
         }
-        if !succeeded {
-            self.deps.push(fence, GFP_KERNEL)?;
-        }
+        self.deps.push(fence, GFP_KERNEL)?;
         Ok(())
     }
 
-    /// Returns the number of dependencies the job waits for.
+    /// Reserves room for `n` more dependencies.
+    ///
+    /// Afterwards, [`Job::add_dependency`] cannot fail with `ENOMEM` for the next `n` fences: a
+    /// driver can allocate everything before it starts submitting several jobs that depend on
+    /// each other, and then submit them without a failure in the middle.
+    pub fn reserve_dependencies(&mut self, n: usize) -> Result {
+        self.deps.reserve(n, GFP_KERNEL)?;
+        Ok(())
+    }
+
+    /// Returns the number of dependencies the job will wait for: those kept after
+    /// deduplication that have not signalled successfully.
     pub fn dependencies(&self) -> usize {
-        self.deps.len()
+        self.deps
+            .iter()
+            .filter(|d| d.status() != Some(Ok(())))
+            .count()
     }
 
     /// Returns the credits the job takes on the ring while it runs.

@@ -157,9 +157,9 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 /// teardown), in process context, one at a time per queue, with the queue's internal lock held
 /// and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
-/// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call back into the same queue
-/// (submit, stop, drop). [`Backend::cancelled`] is called in process context without the lock,
-/// outside any signalling section.
+/// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue
+/// (submit, stop, drop): the queues share one lock class. [`Backend::cancelled`] is called in
+/// process context without the lock, outside any signalling section.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///
@@ -225,7 +225,8 @@ pub struct QueueOptions {
     /// finished, whichever is later. [`None`] for no timeout.
     pub timeout: Option<Delta>,
     /// The workqueue the queue's work runs on; by default an ordered `WQ_MEM_RECLAIM` queue of
-    /// its own.
+    /// its own. Any `WQ_MEM_RECLAIM` workqueue works, ordered or not, and several queues may
+    /// share one: the queue does not rely on any order between its work items.
     pub workqueue: Option<crate::dma_fence::WorkQueueRef>,
     /// The nesting level of the done fences (see
     /// [`FenceContext::new_nested`](crate::dma_fence::FenceContext::new_nested)): the hardware

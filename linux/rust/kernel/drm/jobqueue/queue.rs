@@ -757,12 +757,13 @@ impl<T: Backend> JobQueue<T> {
             queue: _,
             credits,
             payload,
-            deps,
+            mut deps,
             fence,
             node,
             reservation,
         } = job;
         // Point of no return: the done fence exists from here on.
+        deps.retain(|d| d.status() != Some(Ok(())));
         let done = self.inner.fence_ctx.init_fence(fence);
         let seqno = done.seqno();
         let done_ref = done.to_aref();
