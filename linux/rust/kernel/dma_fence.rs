@@ -32,7 +32,7 @@
 //! |---|---|
 //! | [`WakeTask`] | a task is woken up |
 //! | [`CompleteCompletion`] | a [`Completion`] is completed (`complete_all`) |
-//! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a workqueue: the real work runs in process context |
+//! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a workqueue, to work in process context |
 //! | [`QueueKthreadWork`] | a [`KthreadWorkItem`] is queued on a [`kthread::Worker`] |
 //! | [`ProxyFence`] | another fence signals, with the same error |
 //!
@@ -63,7 +63,10 @@
 //!
 //! // A consumer waits for the fence through a completion.
 //! let done = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
-//! let mut cb = KBox::pin_init(FenceCallback::new(CompleteCompletion::new(done.clone())), GFP_KERNEL)?;
+//! let mut cb = KBox::pin_init(
+//!     FenceCallback::new(CompleteCompletion::new(done.clone())),
+//!     GFP_KERNEL,
+//! )?;
 //! cb.as_mut().arm(fence.to_aref());
 //!
 //! // The producer signals it, with an error.
@@ -760,7 +763,10 @@ pub enum Armed {
 ///
 /// let ctx = FenceContext::new(c"example", c"ring0");
 /// let done = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
-/// let mut cb = KBox::pin_init(FenceCallback::new(CompleteCompletion::new(done.clone())), GFP_KERNEL)?;
+/// let mut cb = KBox::pin_init(
+///     FenceCallback::new(CompleteCompletion::new(done.clone())),
+///     GFP_KERNEL,
+/// )?;
 ///
 /// // Arming on a signalled fence runs the action at once.
 /// assert_eq!(cb.as_mut().arm(kernel::dma_fence::DmaFence::stub()), Armed::RanNow);
@@ -867,9 +873,9 @@ impl<K: CallbackKind> FenceCallback<K> {
         fence: *mut bindings::dma_fence,
         cb: *mut bindings::dma_fence_cb,
     ) {
-        // SAFETY: `cb` is the `cb` field of a `FenceCallback<K>`, which stays valid and pinned while
-        // the callback is linked: it is only freed after `disarm` removed it or the callback ran,
-        // and `disarm` waits for the callback by taking the fence lock.
+        // SAFETY: `cb` is the `cb` field of a `FenceCallback<K>`, which stays valid and pinned
+        // while the callback is linked: it is only freed after `disarm` removed it or the callback
+        // ran, and `disarm` waits for the callback by taking the fence lock.
         let this = unsafe { container_of!(Opaque::cast_from(cb), Self, cb) };
         // SAFETY: `this` is valid as argued above; only a shared reference to `kind` is created,
         // and no one mutates `kind` while the callback is armed.

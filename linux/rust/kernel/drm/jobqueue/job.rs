@@ -31,9 +31,10 @@ use core::{
 
 /// A job that has not been submitted yet.
 ///
-/// Created by [`JobQueue::new_job`](super::JobQueue::new_job), which allocates everything the job will need in the queue;
-/// [`Job::add_dependency`] allocates the room for each dependency. Once built, the job is handed
-/// to [`JobQueue::submit`](super::JobQueue::submit), which cannot fail past its start and does not allocate.
+/// Created by [`JobQueue::new_job`](super::JobQueue::new_job), which allocates everything the job
+/// will need in the queue; [`Job::add_dependency`] allocates the room for each dependency. Once
+/// built, the job is handed to [`JobQueue::submit`](super::JobQueue::submit), which cannot fail
+/// past its start and does not allocate.
 ///
 /// # Examples
 ///

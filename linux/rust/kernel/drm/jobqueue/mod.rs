@@ -8,10 +8,11 @@
 //! [`DmaFence`] that signals when the job has finished, with its error, and that it can share with
 //! userspace (syncobjs, sync files) and other drivers.
 //!
-//! The queue is built on [`dma_fence`](crate::dma_fence) alone: a [`ProxyFence`](crate::dma_fence::ProxyFence) makes each
-//! done fence follow the hardware fence that [`Backend::run`] returns, and
-//! [`EnqueueWork`](crate::dma_fence::EnqueueWork) callbacks move every other reaction to a fence into process context. Drivers never see a
-//! fence callback.
+//! The queue is built on [`dma_fence`](crate::dma_fence) alone: a
+//! [`ProxyFence`](crate::dma_fence::ProxyFence) makes each done fence follow the hardware fence
+//! that [`Backend::run`] returns, and [`EnqueueWork`](crate::dma_fence::EnqueueWork) callbacks
+//! move every other reaction to a fence into process context. Drivers never see a fence
+//! callback.
 //!
 //! # Job lifecycle
 //!

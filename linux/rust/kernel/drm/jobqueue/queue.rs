@@ -535,7 +535,7 @@ impl<T: Backend> Inner<T> {
         let mut proc = self.proc.lock();
         for (_, node) in proc.jobs.iter_mut() {
             if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
-                if *started < now {
+                if (*started - now).is_negative() {
                     *started = now;
                 }
                 break;

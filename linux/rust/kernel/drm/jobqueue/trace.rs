@@ -67,7 +67,11 @@ declare_trace! {
     /// # Safety
     ///
     /// `name` and `what` must be valid NUL-terminated strings.
-    unsafe fn drm_jobqueue_queue_start(name: *const c_char, fence_context: u64, what: *const c_char);
+    unsafe fn drm_jobqueue_queue_start(
+        name: *const c_char,
+        fence_context: u64,
+        what: *const c_char,
+    );
 }
 
 fn errno(result: Result) -> c_int {
