@@ -37,8 +37,22 @@ def us(ns):
     return f'{ns / 1000:.1f}' if ns is not None else '-'
 
 
+def ns(row, spread=True):
+    if not row:
+        return '-'
+    if not spread:
+        return str(row['ns_per_job'])
+    return f"{row['ns_per_job']} ({row['ns_per_job_min']}–{row['ns_per_job_max']})"
+
+
+def sub(row):
+    return str(row['submit_ns_per_job']) if row and 'submit_ns_per_job' in row else '-'
+
+
 def pair(row, key):
     if not row or f'{key}_p50_ns' not in row:
+        return '-'
+    if key == 'wake' and not row[f'{key}_p99_ns']:
         return '-'
     return f"{us(row[f'{key}_p50_ns'])} / {us(row[f'{key}_p99_ns'])}"
 
@@ -60,11 +74,13 @@ def main():
         if name != 'memory' and (name, jobs) not in workloads:
             workloads.append((name, jobs))
 
-    print('| workload | jobs | JobQueue ns/job | drm_sched ns/job | floor ns/job '
-          '| throughput JobQueue/drm_sched | cost JobQueue/floor '
-          '| submit→run p50/p99 µs JobQueue | drm_sched '
-          '| hw→done p50/p99 µs JobQueue | drm_sched |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    print('| workload | jobs | JobQueue ns/job (min–max) | drm_sched ns/job (min–max) '
+          '| floor ns/job | throughput JobQueue/drm_sched | cost JobQueue/floor '
+          '| submitting ns/job, JobQueue | drm_sched '
+          '| submit→run p50/p99 µs, JobQueue | drm_sched '
+          '| hw→done p50/p99 µs, JobQueue | drm_sched '
+          '| wake p50/p99 µs, JobQueue | drm_sched |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     misses = []
     for name, jobs in workloads:
         jq, sd, fl = (rows.get((i, name, jobs)) for i in IMPLS)
@@ -75,32 +91,33 @@ def main():
             elif r.get('errors', 0):
                 ok = False
                 print(f"ERRORS: impl={i} workload={name} jobs={jobs} errors={r['errors']}")
-        ns = [r['ns_per_job'] if r else None for r in (jq, sd, fl)]
-        thr = ns[1] / ns[0] if ns[0] and ns[1] else None
-        cost = ns[0] / ns[2] if ns[0] and ns[2] else None
-        if thr is not None and thr < 1.5:
-            misses.append(f'{name} ({jobs}): throughput {thr:.2f}x drm_sched < 1.5x')
-        if cost is not None and cost > 3:
-            misses.append(f'{name} ({jobs}): {cost:.1f}x the floor > 3x')
-        spread = ''
-        if jq:
-            spread = f" ({jq['ns_per_job_min']}–{jq['ns_per_job_max']})"
-        print(f"| {name} | {jobs} | {ns[0]}{spread} | {ns[1]} | {ns[2]} "
-              f"| {thr:.2f}x | {cost:.1f}x | {pair(jq, 'submit_to_run')} "
-              f"| {pair(sd, 'submit_to_run')} | {pair(jq, 'hw_to_done')} "
-              f"| {pair(sd, 'hw_to_done')} |"
-              if thr is not None and cost is not None else
-              f"| {name} | {jobs} | {ns[0]} | {ns[1]} | {ns[2]} | - | - | - | - | - | - |")
+        thr = cost = '-'
+        if jq and sd:
+            v = sd['ns_per_job'] / jq['ns_per_job']
+            thr = f'{v:.2f}x'
+            if v < 1.5:
+                misses.append(f'{name} ({jobs}): throughput {v:.2f}x drm_sched < 1.5x')
+        if jq and fl:
+            v = jq['ns_per_job'] / fl['ns_per_job']
+            cost = f'{v:.1f}x'
+            if v > 3:
+                misses.append(f'{name} ({jobs}): {v:.1f}x the floor > 3x')
+        print(f'| {name} | {jobs} | {ns(jq)} | {ns(sd)} | {ns(fl, False)} | {thr} | {cost} '
+              f'| {sub(jq)} | {sub(sd)} '
+              f"| {pair(jq, 'submit_to_run')} | {pair(sd, 'submit_to_run')} "
+              f"| {pair(jq, 'hw_to_done')} | {pair(sd, 'hw_to_done')} "
+              f"| {pair(jq, 'wake')} | {pair(sd, 'wake')} |")
 
     print()
-    mem = [rows.get((i, 'memory', 50000)) for i in IMPLS]
+    mem = [rows.get((i, 'memory', 200000)) for i in IMPLS]
     if all(mem):
         b = [m['bytes_per_job'] for m in mem]
-        print('| memory per job in flight | JobQueue | drm_sched | floor |')
+        print('| memory per job in flight (median; min–max) | JobQueue | drm_sched | floor |')
         print('|---|---:|---:|---:|')
-        print(f'| bytes/job (median; min–max) | {b[0]} ({mem[0]["bytes_per_job_min"]}–'
-              f'{mem[0]["bytes_per_job_max"]}) | {b[1]} ({mem[1]["bytes_per_job_min"]}–'
-              f'{mem[1]["bytes_per_job_max"]}) | {b[2]} |')
+        for key, label in (('bytes_per_job', 'bytes/job, slab pages'),
+                           ('free_bytes_per_job', 'bytes/job, free memory')):
+            print(f'| {label} | ' + ' | '.join(
+                f"{m[key]} ({m[key + '_min']}–{m[key + '_max']})" for m in mem) + ' |')
         if b[0] > b[1]:
             misses.append(f'memory: {b[0]} bytes/job > drm_sched {b[1]}')
         print()

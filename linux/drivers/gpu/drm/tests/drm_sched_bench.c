@@ -44,7 +44,7 @@ MODULE_PARM_DESC(reps, "Repetitions of each workload");
 /* The same constants and workloads as jobqueue_bench.rs. */
 #define BENCH_CAPACITY		1024
 #define BENCH_TIMEOUT_MS	10000
-#define BENCH_MEMORY_FIRST	10000
+#define BENCH_MEMORY_FIRST	100000
 
 enum bench_shape {
 	SHAPE_INDEPENDENT,
@@ -71,7 +71,7 @@ static const struct bench_workload bench_workloads[] = {
 	{ "credit-1", SHAPE_CREDIT1, 5000 },
 	{ "independent", SHAPE_INDEPENDENT, 1000 },
 	{ "independent", SHAPE_INDEPENDENT, 100000 },
-	{ "memory", SHAPE_MEMORY, 50000 },
+	{ "memory", SHAPE_MEMORY, 200000 },
 };
 
 static unsigned int shape_queues(enum bench_shape shape)
@@ -118,6 +118,20 @@ static void shape_plan(enum bench_shape shape, unsigned int i,
 	default:
 		break;
 	}
+}
+
+/*
+ * How many of the jobs just before job @i must finish before it can run: its
+ * dependencies, or on a ring of one credit the job before it.
+ */
+static unsigned int shape_waits_for(enum bench_shape shape, unsigned int i)
+{
+	unsigned int queue, deps;
+
+	if (shape == SHAPE_CREDIT1)
+		return min(i, 1U);
+	shape_plan(shape, i, &queue, &deps);
+	return deps;
 }
 
 /* The times recorded for one job, in nanoseconds since bench_rep.base. */
@@ -461,10 +475,15 @@ static int submit_jobs(enum bench_shape shape, struct bench_sched **scheds,
 
 struct rep_result {
 	s64 ns_per_job;
+	s64 submit_ns_per_job;
 	s64 submit_to_run_p50;
 	s64 submit_to_run_p99;
 	s64 hw_to_done_p50;
 	s64 hw_to_done_p99;
+	s64 wake_p50;
+	s64 wake_p99;
+	s64 slab_bytes_per_job;
+	s64 free_bytes_per_job;
 	unsigned int errors;
 };
 
@@ -486,24 +505,27 @@ static s64 percentile(s64 *values, unsigned int n, unsigned int p)
 
 static int sched_rep(const struct bench_workload *w, struct rep_result *res)
 {
+	s64 *done_at, *submit_to_run, *hw_to_done, *wake;
+	unsigned int i, j, waits, n = 0, m = 0;
 	struct bench_sched **scheds;
-	s64 *submit_to_run, *hw_to_done;
 	struct bench_rep *rep;
-	unsigned int i, n = 0;
 	ktime_t start;
 	int ret = -ENOMEM;
 
 	scheds = bench_scheds_new(w->shape);
 	rep = rep_new(w->jobs);
+	done_at = kvcalloc(w->jobs, sizeof(s64), GFP_KERNEL);
 	submit_to_run = kvcalloc(w->jobs, sizeof(s64), GFP_KERNEL);
 	hw_to_done = kvcalloc(w->jobs, sizeof(s64), GFP_KERNEL);
-	if (!scheds || !rep || !submit_to_run || !hw_to_done)
+	wake = kvcalloc(w->jobs, sizeof(s64), GFP_KERNEL);
+	if (!scheds || !rep || !done_at || !submit_to_run || !hw_to_done || !wake)
 		goto out;
 
 	start = ktime_get();
 	ret = submit_jobs(w->shape, scheds, rep, 0, w->jobs, NULL);
 	if (ret)
 		goto out;
+	res->submit_ns_per_job = ktime_to_ns(ktime_sub(ktime_get(), start)) / w->jobs;
 	wait_for_completion(&rep->all_freed);
 	res->ns_per_job = ktime_to_ns(ktime_sub(ktime_get(), start)) / w->jobs;
 
@@ -511,21 +533,33 @@ static int sched_rep(const struct bench_workload *w, struct rep_result *res)
 	for (i = 0; i < w->jobs; i++) {
 		struct dma_fence *done = rep->dones[i];
 		struct bench_sample *s = &rep->samples[i];
+		s64 ready = S64_MIN;
 
 		submit_to_run[i] = s->run - s->submit;
-		if (dma_fence_get_status(done) == 1)
-			hw_to_done[n++] = rep_since_base(rep, dma_fence_timestamp(done)) - s->hw;
-		else
+		if (dma_fence_get_status(done) == 1) {
+			done_at[i] = rep_since_base(rep, dma_fence_timestamp(done));
+			hw_to_done[n++] = done_at[i] - s->hw;
+		} else {
 			res->errors++;
+		}
+		waits = shape_waits_for(w->shape, i);
+		for (j = i - waits; j < i; j++)
+			ready = max(ready, done_at[j]);
+		if (waits)
+			wake[m++] = s->run - ready;
 	}
 	res->submit_to_run_p50 = percentile(submit_to_run, w->jobs, 50);
 	res->submit_to_run_p99 = percentile(submit_to_run, w->jobs, 99);
 	res->hw_to_done_p50 = percentile(hw_to_done, n, 50);
 	res->hw_to_done_p99 = percentile(hw_to_done, n, 99);
+	res->wake_p50 = percentile(wake, m, 50);
+	res->wake_p99 = percentile(wake, m, 99);
 
 out:
+	kvfree(done_at);
 	kvfree(submit_to_run);
 	kvfree(hw_to_done);
+	kvfree(wake);
 	/* On an error, the jobs submitted so far finish when their schedulers go. */
 	if (scheds)
 		bench_scheds_destroy(scheds, shape_queues(w->shape));
@@ -534,15 +568,31 @@ out:
 	return ret;
 }
 
-/* Returns the free memory, in bytes, once deferred frees had time to finish. */
-static s64 free_memory(void)
+/* The memory the slab allocator holds, in bytes. */
+static s64 slab_bytes(void)
+{
+	return (s64)(global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B) +
+		     global_node_page_state_pages(NR_SLAB_UNRECLAIMABLE_B)) * PAGE_SIZE;
+}
+
+static s64 si_free(void)
 {
 	struct sysinfo info;
 
-	rcu_barrier();
-	msleep(200);
 	si_meminfo(&info);
 	return (s64)info.freeram * info.mem_unit;
+}
+
+/*
+ * Waits for the memory freed by earlier work to be back: kfree_rcu(), which
+ * frees fences, batches objects for up to five seconds before it waits for a
+ * grace period.
+ */
+static void settle(void)
+{
+	ssleep(6);
+	rcu_barrier();
+	msleep(100);
 }
 
 static const char *gate_driver_name(struct dma_fence *fence)
@@ -560,14 +610,23 @@ static const struct dma_fence_ops gate_fence_ops = {
 	.get_timeline_name = gate_timeline_name,
 };
 
-/* The memory of one job in flight, in bytes. */
-static int sched_memory_rep(const struct bench_workload *w, s64 *bytes)
+/* Records the memory of one job from readings before and after @jobs more jobs. */
+static void memory_result(struct rep_result *res, s64 slab_before, s64 free_before,
+			  unsigned int jobs)
+{
+	jobs = max(jobs, 1U);
+	res->slab_bytes_per_job = (slab_bytes() - slab_before) / jobs;
+	res->free_bytes_per_job = (free_before - si_free()) / jobs;
+}
+
+/* The memory of one job in flight. */
+static int sched_memory_rep(const struct bench_workload *w, struct rep_result *res)
 {
 	unsigned int first = min(w->jobs, BENCH_MEMORY_FIRST);
+	s64 slab_before, free_before;
 	struct bench_sched **scheds;
 	struct dma_fence *gate;
 	struct bench_rep *rep;
-	s64 before, after;
 	int ret = -ENOMEM;
 
 	scheds = bench_scheds_new(w->shape);
@@ -578,17 +637,18 @@ static int sched_memory_rep(const struct bench_workload *w, s64 *bytes)
 	dma_fence_init64(gate, &gate_fence_ops, NULL, dma_fence_context_alloc(1), 1);
 
 	ret = submit_jobs(w->shape, scheds, rep, 0, first, gate);
-	before = free_memory();
+	settle();
+	slab_before = slab_bytes();
+	free_before = si_free();
 	if (!ret)
 		ret = submit_jobs(w->shape, scheds, rep, first, w->jobs, NULL);
-	after = free_memory();
+	msleep(100);
+	memory_result(res, slab_before, free_before, w->jobs - first);
 	dma_fence_signal(gate);
 	dma_fence_put(gate);
 	gate = NULL;
-	if (!ret) {
+	if (!ret)
 		wait_for_completion(&rep->all_freed);
-		*bytes = (before - after) / max(w->jobs - first, 1U);
-	}
 
 out:
 	kfree(gate);
@@ -655,32 +715,34 @@ static int floor_rep(const struct bench_workload *w, struct rep_result *res)
 	return 0;
 }
 
-static int floor_memory_rep(const struct bench_workload *w, s64 *bytes)
+static int floor_memory_rep(const struct bench_workload *w, struct rep_result *res)
 {
 	unsigned int i, first = min(w->jobs, BENCH_MEMORY_FIRST);
 	u64 context = dma_fence_context_alloc(1);
+	s64 slab_before = 0, free_before = 0;
 	struct floor_fence **fences;
-	s64 before = 0, after;
 	int ret = 0;
 
 	fences = kvcalloc(w->jobs, sizeof(*fences), GFP_KERNEL);
 	if (!fences)
 		return -ENOMEM;
 	for (i = 0; i < w->jobs && !ret; i++) {
-		if (i == first)
-			before = free_memory();
+		if (i == first) {
+			settle();
+			slab_before = slab_bytes();
+			free_before = si_free();
+		}
 		fences[i] = floor_fence_new(context, i + 1);
 		if (!fences[i])
 			ret = -ENOMEM;
 	}
-	after = free_memory();
+	msleep(100);
+	memory_result(res, slab_before, free_before, w->jobs - first);
 	for (i = 0; i < w->jobs && fences[i]; i++) {
 		dma_fence_signal(&fences[i]->base);
 		dma_fence_put(&fences[i]->base);
 	}
 	kvfree(fences);
-	if (!ret)
-		*bytes = (before - after) / max(w->jobs - first, 1U);
 	return ret;
 }
 
@@ -715,16 +777,21 @@ static void bench_line(struct seq_buf *line, const char *impl,
 }
 
 static void bench_print_memory(const char *impl, const struct bench_workload *w,
-			       s64 *bytes, unsigned int n)
+			       const struct rep_result *res, unsigned int n, s64 *scratch)
 {
 	struct seq_buf line;
-	char buf[256];
+	char buf[384];
 
 	seq_buf_init(&line, buf, sizeof(buf));
 	bench_line(&line, impl, w, n);
-	seq_buf_printf(&line, " bytes_per_job=%lld", median(bytes, n));
+	seq_buf_printf(&line, " bytes_per_job=%lld",
+		       MEDIAN_OF(res, n, scratch, slab_bytes_per_job));
 	seq_buf_printf(&line, " bytes_per_job_min=%lld bytes_per_job_max=%lld",
-		       bytes[0], bytes[n - 1]);
+		       scratch[0], scratch[n - 1]);
+	seq_buf_printf(&line, " free_bytes_per_job=%lld",
+		       MEDIAN_OF(res, n, scratch, free_bytes_per_job));
+	seq_buf_printf(&line, " free_bytes_per_job_min=%lld free_bytes_per_job_max=%lld",
+		       scratch[0], scratch[n - 1]);
 	pr_info("jq-bench: %s\n", seq_buf_str(&line));
 }
 
@@ -733,7 +800,7 @@ static void bench_print(const char *impl, const struct bench_workload *w,
 {
 	unsigned int i, errors = 0;
 	struct seq_buf line;
-	char buf[384];
+	char buf[512];
 
 	for (i = 0; i < n; i++)
 		errors += res[i].errors;
@@ -743,6 +810,8 @@ static void bench_print(const char *impl, const struct bench_workload *w,
 	seq_buf_printf(&line, " ns_per_job_min=%lld ns_per_job_max=%lld",
 		       scratch[0], scratch[n - 1]);
 	if (strcmp(impl, "floor")) {
+		seq_buf_printf(&line, " submit_ns_per_job=%lld",
+			       MEDIAN_OF(res, n, scratch, submit_ns_per_job));
 		seq_buf_printf(&line, " submit_to_run_p50_ns=%lld",
 			       MEDIAN_OF(res, n, scratch, submit_to_run_p50));
 		seq_buf_printf(&line, " submit_to_run_p99_ns=%lld",
@@ -751,6 +820,10 @@ static void bench_print(const char *impl, const struct bench_workload *w,
 			       MEDIAN_OF(res, n, scratch, hw_to_done_p50));
 		seq_buf_printf(&line, " hw_to_done_p99_ns=%lld",
 			       MEDIAN_OF(res, n, scratch, hw_to_done_p99));
+		seq_buf_printf(&line, " wake_p50_ns=%lld",
+			       MEDIAN_OF(res, n, scratch, wake_p50));
+		seq_buf_printf(&line, " wake_p99_ns=%lld",
+			       MEDIAN_OF(res, n, scratch, wake_p99));
 	}
 	seq_buf_printf(&line, " errors=%u", errors);
 	pr_info("jq-bench: %s\n", seq_buf_str(&line));
@@ -762,34 +835,34 @@ static void bench_workload(const char *impl, const struct bench_workload *w,
 	bool is_floor = !strcmp(impl, "floor");
 	struct rep_result *res;
 	unsigned int i;
-	s64 *bytes;
+	s64 *scratch;
 	int ret = 0;
 
 	res = kcalloc(n, sizeof(*res), GFP_KERNEL);
-	bytes = kcalloc(n, sizeof(*bytes), GFP_KERNEL);
-	if (!res || !bytes) {
+	scratch = kcalloc(n, sizeof(*scratch), GFP_KERNEL);
+	if (!res || !scratch) {
 		ret = -ENOMEM;
 		goto out;
 	}
 	for (i = 0; i < n && !ret; i++) {
 		if (w->shape == SHAPE_MEMORY)
-			ret = is_floor ? floor_memory_rep(w, &bytes[i]) :
-					 sched_memory_rep(w, &bytes[i]);
+			ret = is_floor ? floor_memory_rep(w, &res[i]) :
+					 sched_memory_rep(w, &res[i]);
 		else
 			ret = is_floor ? floor_rep(w, &res[i]) : sched_rep(w, &res[i]);
 	}
 	if (ret)
 		goto out;
 	if (w->shape == SHAPE_MEMORY)
-		bench_print_memory(impl, w, bytes, n);
+		bench_print_memory(impl, w, res, n, scratch);
 	else
-		bench_print(impl, w, res, n, bytes);
+		bench_print(impl, w, res, n, scratch);
 out:
 	if (ret)
 		pr_err("jq-bench: impl=%s workload=%s jobs=%u failed: %d\n",
 		       impl, w->name, w->jobs, ret);
 	kfree(res);
-	kfree(bytes);
+	kfree(scratch);
 }
 
 static int __init drm_sched_bench_init(void)

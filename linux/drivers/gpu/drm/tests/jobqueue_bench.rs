@@ -9,19 +9,24 @@
 //!
 //! ```text
 //! jq-bench: impl=jobqueue workload=chain queues=1 capacity=1024 jobs=10000 reps=5
-//!     ns_per_job=... ns_per_job_min=... ns_per_job_max=... submit_to_run_p50_ns=...
-//!     submit_to_run_p99_ns=... hw_to_done_p50_ns=... hw_to_done_p99_ns=... errors=0
-//! jq-bench: impl=jobqueue workload=memory queues=1 capacity=1024 jobs=50000 reps=5
+//!     ns_per_job=... ns_per_job_min=... ns_per_job_max=... submit_ns_per_job=...
+//!     submit_to_run_p50_ns=... submit_to_run_p99_ns=... hw_to_done_p50_ns=...
+//!     hw_to_done_p99_ns=... wake_p50_ns=... wake_p99_ns=... errors=0
+//! jq-bench: impl=jobqueue workload=memory queues=1 capacity=1024 jobs=200000 reps=5
 //!     bytes_per_job=... bytes_per_job_min=... bytes_per_job_max=...
 //! ```
 //!
 //! (one line each in the log). `ns_per_job` is the median over the repetitions of the time from
 //! creating the first job to freeing the last one, divided by the number of jobs; the latencies
-//! are the medians over the repetitions of each repetition's percentiles:
+//! are the medians over the repetitions of each repetition's percentiles. `submit_ns_per_job` is
+//! the part of `ns_per_job` until the last job was submitted (creating and submitting jobs, with
+//! the queue working meanwhile). The latencies:
 //!
 //! - `submit_to_run`: from just before [`JobQueue::submit`] to the start of [`Backend::run`];
 //! - `hw_to_done`: from the hardware fence's signal to the done fence's signal (their
-//!   timestamps).
+//!   timestamps);
+//! - `wake`: for a job that waits for others (its dependencies, or on a ring of one credit the job
+//!   before it), from the last of their done fences' signals to the start of [`Backend::run`].
 //!
 //! The mock hardware is the same on both sides and completes at once: [`Backend::run`] puts the
 //! hardware fence in a FIFO and queues a work item on the high-priority system workqueue that
@@ -40,13 +45,21 @@
 //! | `credit-1`    | 5,000   | a ring of one credit: each job waits for the previous one  |
 //! | `independent` | 1,000   | scaling series                                             |
 //! | `independent` | 100,000 | scaling series                                             |
-//! | `memory`      | 50,000  | bytes per job in flight                                    |
+//! | `memory`      | 200,000 | bytes per job in flight                                    |
 //!
 //! Memory is measured, not computed: the first job waits for a gate fence that is signalled only
-//! at the end, so every job stays in flight. The free memory (`si_meminfo()`) is read with 10,000
-//! and with 50,000 jobs in flight; the difference divided by 40,000 is the memory of one job,
-//! without the constant part (slab caches, per-CPU lists) that a single reading would include.
+//! at the end, so every job stays in flight. The memory is read with 100,000 jobs in flight, once
+//! the deferred frees of earlier work are done, and with 200,000; the difference divided by
+//! 100,000 is the memory of one job. The first 100,000 jobs use up what the slab caches kept from
+//! earlier work, which a single reading would count as free. Two readings: `bytes_per_job` from
+//! the slab allocator's page counters (every allocation of a job is a slab object), and
+//! `free_bytes_per_job` from the free memory (`si_meminfo()`), which also moves with the pages
+//! on the per-CPU free lists, by megabytes.
 
+use core::{
+    mem::MaybeUninit,
+    ptr::addr_of_mut, //
+};
 use kernel::{
     bindings,
     dma_fence::{
@@ -66,6 +79,7 @@ use kernel::{
     impl_has_work,
     new_spinlock,
     new_work,
+    page::PAGE_SIZE,
     prelude::*,
     sync::{
         aref::ARef,
@@ -156,6 +170,15 @@ impl Shape {
             Shape::Queues64 => (i % 64, 0),
         }
     }
+
+    /// Returns how many of the jobs just before job `i` must finish before it can run: its
+    /// dependencies, or on a ring of one credit the job before it.
+    fn waits_for(self, i: usize) -> usize {
+        match self {
+            Shape::Credit1 => i.min(1),
+            _ => self.plan(i).1,
+        }
+    }
 }
 
 struct Workload {
@@ -210,12 +233,12 @@ const WORKLOADS: [Workload; 9] = [
     Workload {
         name: "memory",
         shape: Shape::Memory,
-        jobs: 50_000,
+        jobs: 200_000,
     },
 ];
 
 /// The number of jobs in flight at the first reading of the memory workload.
-const MEMORY_FIRST: usize = 10_000;
+const MEMORY_FIRST: usize = 100_000;
 
 /// The mock hardware's FIFO: a ring buffer of the fences it has not signalled yet.
 struct Fifo {
@@ -475,10 +498,13 @@ fn submit_jobs(
 #[derive(Clone, Copy, Default)]
 struct RepResult {
     ns_per_job: i64,
+    submit_ns_per_job: i64,
     submit_to_run_p50: i64,
     submit_to_run_p99: i64,
     hw_to_done_p50: i64,
     hw_to_done_p99: i64,
+    wake_p50: i64,
+    wake_p99: i64,
     errors: usize,
 }
 
@@ -498,46 +524,95 @@ fn run_rep(w: &Workload) -> Result<RepResult> {
 
     let start = Instant::<Monotonic>::now();
     submit_jobs(w.shape, &queues, &rep, &mut dones, 0..w.jobs, None)?;
+    let submitted = start.elapsed();
     rep.all_freed.wait_for_completion();
     let elapsed = start.elapsed();
 
+    let mut done_at = VVec::with_capacity(w.jobs, GFP_KERNEL)?;
     let mut submit_to_run = VVec::with_capacity(w.jobs, GFP_KERNEL)?;
     let mut hw_to_done = VVec::with_capacity(w.jobs, GFP_KERNEL)?;
+    let mut wake = VVec::with_capacity(w.jobs, GFP_KERNEL)?;
     let mut errors = 0;
-    for (done, sample) in dones.iter().zip(rep.samples.iter()) {
+    for (i, (done, sample)) in dones.iter().zip(rep.samples.iter()).enumerate() {
         let run = sample.run.load(ordering::Relaxed);
         submit_to_run.push(run - sample.submit.load(ordering::Relaxed), GFP_KERNEL)?;
-        match (done.status(), done.timestamp()) {
-            (Some(Ok(())), Some(t)) => hw_to_done.push(
-                rep.since_base(t) - sample.hw.load(ordering::Relaxed),
-                GFP_KERNEL,
-            )?,
-            _ => errors += 1,
+        let t = match (done.status(), done.timestamp()) {
+            (Some(Ok(())), Some(t)) => rep.since_base(t),
+            _ => {
+                errors += 1;
+                0
+            }
+        };
+        done_at.push(t, GFP_KERNEL)?;
+        hw_to_done.push(t - sample.hw.load(ordering::Relaxed), GFP_KERNEL)?;
+        let waits = w.shape.waits_for(i);
+        if let Some(&ready) = done_at.get(i - waits..i).and_then(|d| d.iter().max()) {
+            wake.push(run - ready, GFP_KERNEL)?;
         }
     }
     Ok(RepResult {
         ns_per_job: elapsed.as_nanos() / w.jobs as i64,
+        submit_ns_per_job: submitted.as_nanos() / w.jobs as i64,
         submit_to_run_p50: percentile(&mut submit_to_run, 50),
         submit_to_run_p99: percentile(&mut submit_to_run, 99),
         hw_to_done_p50: percentile(&mut hw_to_done, 50),
         hw_to_done_p99: percentile(&mut hw_to_done, 99),
+        wake_p50: percentile(&mut wake, 50),
+        wake_p99: percentile(&mut wake, 99),
         errors,
     })
 }
 
-/// Returns the free memory, in bytes, once deferred frees had time to finish.
-fn free_memory() -> i64 {
-    // SAFETY: `rcu_barrier()` may sleep and is called in process context.
-    unsafe { bindings::rcu_barrier() };
-    fsleep(Delta::from_millis(200));
-    let mut info: bindings::sysinfo = pin_init::zeroed();
-    // SAFETY: `info` is a valid `struct sysinfo` for the function to fill in.
-    unsafe { bindings::si_meminfo(&mut info) };
+/// Returns the free memory, in bytes.
+fn si_free() -> i64 {
+    let mut info = MaybeUninit::<bindings::sysinfo>::zeroed();
+    // SAFETY: `info` points to memory for a `struct sysinfo`, which the function fills in.
+    unsafe { bindings::si_meminfo(info.as_mut_ptr()) };
+    // SAFETY: The structure holds integers only (and an empty array), valid as all-zero bytes
+    // and as `si_meminfo()` writes them.
+    let info = unsafe { info.assume_init() };
     info.freeram as i64 * i64::from(info.mem_unit)
 }
 
-/// Returns the memory of one job in flight, in bytes.
-fn memory_rep(w: &Workload) -> Result<i64> {
+/// Waits for the memory freed by earlier work to be back: `kfree_rcu()`, which frees fences,
+/// batches objects for up to five seconds before it waits for a grace period.
+fn settle() {
+    fsleep(Delta::from_secs(6));
+    // SAFETY: `rcu_barrier()` may sleep and is called in process context.
+    unsafe { bindings::rcu_barrier() };
+    fsleep(Delta::from_millis(100));
+}
+
+/// Returns the memory the slab allocator holds, in bytes.
+fn slab_bytes() -> i64 {
+    let items = [
+        bindings::node_stat_item_NR_SLAB_RECLAIMABLE_B,
+        bindings::node_stat_item_NR_SLAB_UNRECLAIMABLE_B,
+    ];
+    let pages: i64 = items
+        .iter()
+        .map(|&item| {
+            // SAFETY: `item` is an index into the array; taking the address of a field reads
+            // nothing.
+            let counter = unsafe { addr_of_mut!(bindings::vm_node_stat[item as usize].counter) };
+            // SAFETY: The counter is valid for reads for ever (a static), and it is only ever
+            // accessed atomically.
+            unsafe { Atomic::from_ptr(counter) }.load(ordering::Relaxed)
+        })
+        .sum();
+    // The global slab counters are kept in pages.
+    pages * PAGE_SIZE as i64
+}
+
+/// The memory of one job in flight, in bytes: the slab allocator's and the free memory's view.
+#[derive(Clone, Copy)]
+struct JobMemory {
+    slab: i64,
+    free: i64,
+}
+
+/// Returns the memory of one job in flight.
+fn memory_rep(w: &Workload) -> Result<JobMemory> {
     let queues = new_queues(w.shape)?;
     let rep = Rep::new(w.jobs)?;
     let mut dones = VVec::with_capacity(w.jobs, GFP_KERNEL)?;
@@ -546,15 +621,21 @@ fn memory_rep(w: &Workload) -> Result<i64> {
 
     let first = MEMORY_FIRST.min(w.jobs);
     let mut result = submit_jobs(w.shape, &queues, &rep, &mut dones, 0..first, Some(&*gate));
-    let before = free_memory();
+    settle();
+    let (slab_before, free_before) = (slab_bytes(), si_free());
     if result.is_ok() {
         result = submit_jobs(w.shape, &queues, &rep, &mut dones, first..w.jobs, None);
     }
-    let after = free_memory();
+    fsleep(Delta::from_millis(100));
+    let (slab_after, free_after) = (slab_bytes(), si_free());
     gate.signal(Ok(()));
     result?;
     rep.all_freed.wait_for_completion();
-    Ok((before - after) / (w.jobs - first).max(1) as i64)
+    let jobs = (w.jobs - first).max(1) as i64;
+    Ok(JobMemory {
+        slab: (slab_after - slab_before) / jobs,
+        free: (free_before - free_after) / jobs,
+    })
 }
 
 /// Returns the median, minimum and maximum of `values`.
@@ -569,22 +650,35 @@ fn stats(values: &mut [i64]) -> (i64, i64, i64) {
 fn bench(w: &Workload, reps: usize) -> Result {
     let (queues, capacity) = (w.shape.queues(), w.shape.capacity());
     if let Shape::Memory = w.shape {
-        let mut bytes = KVec::with_capacity(reps, GFP_KERNEL)?;
+        let mut results = KVec::with_capacity(reps, GFP_KERNEL)?;
         for _ in 0..reps {
-            bytes.push(memory_rep(w)?, GFP_KERNEL)?;
+            results.push(memory_rep(w)?, GFP_KERNEL)?;
         }
-        let (median, min, max) = stats(&mut bytes);
+        let mut column = KVec::with_capacity(reps, GFP_KERNEL)?;
+        for r in results.iter() {
+            column.push(r.slab, GFP_KERNEL)?;
+        }
+        let (slab, slab_min, slab_max) = stats(&mut column);
+        column.clear();
+        for r in results.iter() {
+            column.push(r.free, GFP_KERNEL)?;
+        }
+        let (free, free_min, free_max) = stats(&mut column);
         pr_info!(
             "jq-bench: impl=jobqueue workload={} queues={} capacity={} jobs={} reps={} \
-             bytes_per_job={} bytes_per_job_min={} bytes_per_job_max={}\n",
+             bytes_per_job={} bytes_per_job_min={} bytes_per_job_max={} free_bytes_per_job={} \
+             free_bytes_per_job_min={} free_bytes_per_job_max={}\n",
             w.name,
             queues,
             capacity,
             w.jobs,
             reps,
-            median,
-            min,
-            max
+            slab,
+            slab_min,
+            slab_max,
+            free,
+            free_min,
+            free_max
         );
         return Ok(());
     }
@@ -602,15 +696,20 @@ fn bench(w: &Workload, reps: usize) -> Result {
         Ok(stats(&mut column))
     };
     let (ns, ns_min, ns_max) = median_of(|r| r.ns_per_job)?;
+    let (submit_ns, _, _) = median_of(|r| r.submit_ns_per_job)?;
     let (s2r_50, _, _) = median_of(|r| r.submit_to_run_p50)?;
     let (s2r_99, _, _) = median_of(|r| r.submit_to_run_p99)?;
     let (h2d_50, _, _) = median_of(|r| r.hw_to_done_p50)?;
     let (h2d_99, _, _) = median_of(|r| r.hw_to_done_p99)?;
+    let (wake_50, _, _) = median_of(|r| r.wake_p50)?;
+    let (wake_99, _, _) = median_of(|r| r.wake_p99)?;
     let errors: usize = results.iter().map(|r| r.errors).sum();
     pr_info!(
         "jq-bench: impl=jobqueue workload={} queues={} capacity={} jobs={} reps={} \
-         ns_per_job={} ns_per_job_min={} ns_per_job_max={} submit_to_run_p50_ns={} \
-         submit_to_run_p99_ns={} hw_to_done_p50_ns={} hw_to_done_p99_ns={} errors={}\n",
+         ns_per_job={} ns_per_job_min={} ns_per_job_max={} submit_ns_per_job={} \
+         submit_to_run_p50_ns={} \
+         submit_to_run_p99_ns={} hw_to_done_p50_ns={} hw_to_done_p99_ns={} wake_p50_ns={} \
+         wake_p99_ns={} errors={}\n",
         w.name,
         queues,
         capacity,
@@ -619,10 +718,13 @@ fn bench(w: &Workload, reps: usize) -> Result {
         ns,
         ns_min,
         ns_max,
+        submit_ns,
         s2r_50,
         s2r_99,
         h2d_50,
         h2d_99,
+        wake_50,
+        wake_99,
         errors
     );
     Ok(())

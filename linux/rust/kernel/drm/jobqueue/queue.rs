@@ -82,6 +82,10 @@ static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
 static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
 static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 
+/// How many jobs the run work hands on before it lets go of the lock and queues itself again:
+/// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
+const RUN_BATCH: u32 = 16;
+
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
@@ -402,7 +406,12 @@ impl<T: Backend> Inner<T> {
             return;
         }
         let (mut started, mut finished) = (false, false);
+        let (mut handled, mut more) = (0, false);
         loop {
+            if handled == RUN_BATCH {
+                more = true;
+                break;
+            }
             let seqno = proc.next_run;
             let Some(node) = proc.jobs.get_mut(&seqno) else {
                 break;
@@ -442,6 +451,7 @@ impl<T: Backend> Inner<T> {
                         proc.last_released = Some(node.done.fence().clone());
                         proc.next_run += 1;
                         started = true;
+                        handled += 1;
                         continue;
                     }
                     Some(outcome) => *node.as_mut().project().outcome = Some(outcome),
@@ -467,8 +477,13 @@ impl<T: Backend> Inner<T> {
             proc.last_released = None;
             proc.next_run += 1;
             finished = true;
+            handled += 1;
         }
         drop(guard);
+        if more {
+            // Let submitters have the lock, then go on.
+            self.kick_run();
+        }
 
         if started {
             if let Some(timeout) = self.timeout {
@@ -496,10 +511,19 @@ impl<T: Backend> Inner<T> {
                 let signalled = node.done.fence().is_signaled();
                 let can_retire = signalled && !matches!(node.state, JobState::Waiting);
                 if !can_retire {
-                    let wait_on = match &node.state {
+                    let this = node.as_mut().project();
+                    let wait_on = match this.state {
                         JobState::Running {
-                            detached: false, ..
-                        } => Some(node.done.fence().clone()),
+                            started, detached, ..
+                        } => {
+                            // The oldest job runs: it really started when the one before it
+                            // finished, so its timeout counts from `now`, not from when it was
+                            // handed to the ring behind other jobs.
+                            if freed && (*started - now).is_negative() {
+                                *started = now;
+                            }
+                            (!*detached).then(|| this.done.fence().clone())
+                        }
                         _ => None,
                     };
                     drop(cursor);
@@ -524,22 +548,7 @@ impl<T: Backend> Inner<T> {
             self.drop_job(node);
         }
         if freed {
-            self.restart_clock(now);
             self.kick_run();
-        }
-    }
-
-    /// The oldest running job really started when the one before it finished: its timeout
-    /// counts from `now`, not from when it was handed to the ring behind other jobs.
-    fn restart_clock(&self, now: Instant<Monotonic>) {
-        let mut proc = self.proc.lock();
-        for (_, node) in proc.jobs.iter_mut() {
-            if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
-                if (*started - now).is_negative() {
-                    *started = now;
-                }
-                break;
-            }
         }
     }
 
@@ -784,8 +793,15 @@ impl<T: Backend> JobQueue<T> {
             guard.waiting,
             guard.credits_in_use,
         );
+        // Only a job that is next to run needs a kick. Otherwise a job before it has not run
+        // yet, and the run work is queued already (it yielded after a batch) or what holds that
+        // job back (a dependency, credits, a stop) kicks the run work when it clears; the run
+        // work then gets to this job as well.
+        let next = guard.next_run == seqno;
         drop(guard);
-        self.inner.kick_run();
+        if next {
+            self.inner.kick_run();
+        }
         Ok(done_ref)
     }
 
