@@ -53,6 +53,7 @@ enum bench_shape {
 	SHAPE_FAN_IN,
 	SHAPE_QUEUES64,
 	SHAPE_CREDIT1,
+	SHAPE_STOPPED,
 	SHAPE_MEMORY,
 };
 
@@ -71,6 +72,7 @@ static const struct bench_workload bench_workloads[] = {
 	{ "credit-1", SHAPE_CREDIT1, 5000 },
 	{ "independent", SHAPE_INDEPENDENT, 1000 },
 	{ "independent", SHAPE_INDEPENDENT, 100000 },
+	{ "stopped", SHAPE_STOPPED, 10000 },
 	{ "memory", SHAPE_MEMORY, 200000 },
 };
 
@@ -521,11 +523,15 @@ static int sched_rep(const struct bench_workload *w, struct rep_result *res)
 	if (!scheds || !rep || !done_at || !submit_to_run || !hw_to_done || !wake)
 		goto out;
 
+	if (w->shape == SHAPE_STOPPED)
+		drm_sched_wqueue_stop(&scheds[0]->base);
 	start = ktime_get();
 	ret = submit_jobs(w->shape, scheds, rep, 0, w->jobs, NULL);
+	res->submit_ns_per_job = ktime_to_ns(ktime_sub(ktime_get(), start)) / w->jobs;
+	if (w->shape == SHAPE_STOPPED)
+		drm_sched_wqueue_start(&scheds[0]->base);
 	if (ret)
 		goto out;
-	res->submit_ns_per_job = ktime_to_ns(ktime_sub(ktime_get(), start)) / w->jobs;
 	wait_for_completion(&rep->all_freed);
 	res->ns_per_job = ktime_to_ns(ktime_sub(ktime_get(), start)) / w->jobs;
 

@@ -45,6 +45,8 @@
 //! | `credit-1`    | 5,000   | a ring of one credit: each job waits for the previous one  |
 //! | `independent` | 1,000   | scaling series                                             |
 //! | `independent` | 100,000 | scaling series                                             |
+//! | `stopped`     | 10,000  | one queue, stopped while the jobs are submitted: the bare  |
+//! |               |         | cost of creating and submitting a job                      |
 //! | `memory`      | 200,000 | bytes per job in flight                                    |
 //!
 //! Memory is measured, not computed: the first job waits for a gate fence that is signalled only
@@ -74,6 +76,7 @@ use kernel::{
         JobQueue,
         JobRef,
         QueueOptions,
+        Recovery,
         TimeoutAction, //
     },
     impl_has_work,
@@ -137,6 +140,7 @@ enum Shape {
     FanIn,
     Queues64,
     Credit1,
+    Stopped,
     Memory,
 }
 
@@ -160,7 +164,7 @@ impl Shape {
     /// Returns the queue of job `i` and how many of the jobs just before it it depends on.
     fn plan(self, i: usize) -> (usize, usize) {
         match self {
-            Shape::Independent | Shape::Credit1 | Shape::Memory => (0, 0),
+            Shape::Independent | Shape::Credit1 | Shape::Stopped | Shape::Memory => (0, 0),
             Shape::Chain => (0, i.min(1)),
             Shape::Chain2 => (i % 2, i.min(1)),
             Shape::FanIn => match i % 17 {
@@ -189,7 +193,7 @@ struct Workload {
 
 /// The workloads, in the order of the bits of the `workloads` parameter. `drm_sched_bench.c` has
 /// the same table.
-const WORKLOADS: [Workload; 9] = [
+const WORKLOADS: [Workload; 10] = [
     Workload {
         name: "independent",
         shape: Shape::Independent,
@@ -229,6 +233,11 @@ const WORKLOADS: [Workload; 9] = [
         name: "independent",
         shape: Shape::Independent,
         jobs: 100_000,
+    },
+    Workload {
+        name: "stopped",
+        shape: Shape::Stopped,
+        jobs: 10_000,
     },
     Workload {
         name: "memory",
@@ -522,9 +531,16 @@ fn run_rep(w: &Workload) -> Result<RepResult> {
     let rep = Rep::new(w.jobs)?;
     let mut dones = VVec::with_capacity(w.jobs, GFP_KERNEL)?;
 
+    let stopped = match w.shape {
+        Shape::Stopped => Some(queues[0].stop()),
+        _ => None,
+    };
     let start = Instant::<Monotonic>::now();
     submit_jobs(w.shape, &queues, &rep, &mut dones, 0..w.jobs, None)?;
     let submitted = start.elapsed();
+    if let Some(stopped) = stopped {
+        stopped.resume(Recovery::Continue);
+    }
     rep.all_freed.wait_for_completion();
     let elapsed = start.elapsed();
 
