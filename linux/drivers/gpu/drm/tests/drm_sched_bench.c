@@ -95,7 +95,7 @@ static u32 shape_capacity(enum bench_shape shape)
 	return shape == SHAPE_CREDIT1 ? 1 : BENCH_CAPACITY;
 }
 
-/* The queue of job @i, and how many of the jobs just before it it depends on. */
+/* The queue of job @i, and the number of jobs just before it that it depends on. */
 static void shape_plan(enum bench_shape shape, unsigned int i,
 		       unsigned int *queue, unsigned int *deps)
 {
@@ -199,6 +199,7 @@ static void rep_job_freed(struct bench_rep *rep)
 
 /* Mock hardware that completes every job at once, from a work item. */
 struct bench_ring {
+	/* Protects the FIFO: @slots, @head and @len. */
 	spinlock_t lock;
 	struct dma_fence **slots;
 	unsigned int size;
@@ -459,7 +460,8 @@ static int submit_jobs(enum bench_shape shape, struct bench_sched **scheds,
 		job->rep = rep;
 		job->index = i;
 		for (d = i - deps; d < i && !ret; d++)
-			ret = drm_sched_job_add_dependency(&job->base, dma_fence_get(rep->dones[d]));
+			ret = drm_sched_job_add_dependency(&job->base,
+							   dma_fence_get(rep->dones[d]));
 		if (!ret && i == 0 && gate)
 			ret = drm_sched_job_add_dependency(&job->base, dma_fence_get(gate));
 		if (ret) {

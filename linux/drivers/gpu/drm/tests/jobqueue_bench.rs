@@ -161,7 +161,7 @@ impl Shape {
         }
     }
 
-    /// Returns the queue of job `i` and how many of the jobs just before it it depends on.
+    /// Returns the queue of job `i` and the number of jobs just before it that it depends on.
     fn plan(self, i: usize) -> (usize, usize) {
         match self {
             Shape::Independent | Shape::Credit1 | Shape::Stopped | Shape::Memory => (0, 0),

@@ -129,10 +129,13 @@ pub(super) struct JobNode<T: Backend> {
     pub(super) done: ProxyFence,
 }
 
+/// The submitted jobs of a queue, by the sequence numbers of their done fences.
+type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
+
 /// The state of a queue, behind its mutex.
 pub(super) struct Proc<T: Backend> {
     /// Every submitted job not retired yet, by the sequence number of its done fence.
-    jobs: RBTree<u64, Pin<KBox<JobNode<T>>>>,
+    jobs: JobTree<T>,
     /// The first job that may still have to be run.
     next_run: u64,
     /// The done fence of the last job handed on in order, until it signals: later jobs that end
@@ -296,7 +299,7 @@ impl Counters<'_> {
 }
 
 impl<T: Backend> Proc<T> {
-    fn split(&mut self) -> (&mut RBTree<u64, Pin<KBox<JobNode<T>>>>, Counters<'_>) {
+    fn split(&mut self) -> (&mut JobTree<T>, Counters<'_>) {
         (
             &mut self.jobs,
             Counters {
@@ -526,7 +529,6 @@ impl<T: Backend> Inner<T> {
                         }
                         _ => None,
                     };
-                    drop(cursor);
                     if let (Some(fence), Some(cb)) = (wait_on, proc.retire_cb.as_mut()) {
                         if cb.as_mut().arm(fence) == Armed::RanNow {
                             continue;
