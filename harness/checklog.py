@@ -7,12 +7,18 @@ Prints every problem found and ends with the line "N passed, N failed" (and
 kernel crashed or did not finish, or the log shows a lockdep report, BUG:,
 WARNING:, a sleep in atomic context, a KASAN or kmemleak report or a Rust panic.
 With --require-lockdep and --require-kmemleak it also requires proof, from the
-post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned.
+post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned,
+and with --require-trace that the drm_jobqueue trace events recorded during the
+run are complete and consistent (tracecheck.py), counted as one more case.
 """
 
 import argparse
+import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tracecheck  # noqa: E402
 
 # What must never appear in a clean log.
 BAD = [
@@ -39,6 +45,7 @@ BENIGN = [
     re.compile(r'jq-harness: kmemleak 0$'),
     re.compile(r'Lock dependency validator'),
     re.compile(r'^\s*#'),  # KTAP diagnostics of passing cases
+    re.compile(r'jq-harness: (trace|profile): '),  # base64, checked apart
 ]
 
 RESULT = re.compile(r'^\s*(ok|not ok) \d+ (\S+)(.*)$')
@@ -55,6 +62,8 @@ def main():
                     help='a kmemleak scan must have run and found nothing')
     ap.add_argument('--uml', action='store_true',
                     help='ignore the lockdep report 7.3.4 prints on UML at boot, before KUnit starts')
+    ap.add_argument('--require-trace', action='store_true',
+                    help='the drm_jobqueue trace events of the run must pass harness/tracecheck.py')
     ap.add_argument('--kunit-rc', type=int, default=0)
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
@@ -118,6 +127,15 @@ def main():
                 else:
                     failed += 1
                     problems.append(f'failed check: {m.group(2)}')
+
+    if args.require_trace:
+        trace_problems, trace_summary = tracecheck.check(lines)
+        if trace_problems:
+            failed += 1
+            problems += [f'trace events: {p}' for p in trace_problems]
+        else:
+            passed += 1
+            print(f'checklog: trace events: {trace_summary}')
 
     if not leaf:
         problems.append('no KUnit results in the log: the kernel did not run the suites')

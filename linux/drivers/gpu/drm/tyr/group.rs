@@ -211,9 +211,8 @@ impl<H: QueueHw> Group<H> {
     /// A wait operation on a syncobj (point) that an earlier job of the batch signals waits for
     /// that job's done fence instead of the syncobj's current fence. On the same queue there is
     /// nothing to wait for, jobs run in order; on another queue the dependency can only be added
-    /// in the second pass, once the earlier job's done fence exists, and that can fail with
-    /// `ENOMEM` after earlier jobs were submitted: the job queue has no way to reserve room for a
-    /// dependency ahead of time.
+    /// in the second pass, once the earlier job's done fence exists, into room the first pass
+    /// reserved ([`Job::reserve_dependencies`]): adding it cannot fail with `ENOMEM`.
     pub(crate) fn submit<S: SyncObjects>(
         &self,
         submits: &[QueueSubmit],
@@ -272,6 +271,8 @@ impl<H: QueueHw> Group<H> {
                 },
             }
         }
+        // Room for the dependencies on earlier jobs of the batch, added in the second pass.
+        job.reserve_dependencies(waits_on.len())?;
         Ok(PendingJob {
             queue,
             job,

@@ -154,8 +154,9 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 /// What a driver provides to run the jobs of a [`JobQueue`].
 ///
 /// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items (or its
-/// teardown), in process context, one at a time per queue, with the queue's internal lock held
-/// and inside a fence signalling critical section
+/// teardown, and [`Backend::run`] also from [`JobQueue::submit`] in the submitter's context
+/// when the job is next in line), in process context, one at a time per queue, with the queue's
+/// internal lock held and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue
 /// (submit, stop, drop): the queues share one lock class. [`Backend::cancelled`] is called in

@@ -86,6 +86,10 @@ static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
 static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
 static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 
+/// How many jobs the run work hands on before it lets go of the lock and queues itself again:
+/// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
+const RUN_BATCH: u32 = 16;
+
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
@@ -129,7 +133,7 @@ pub(super) struct JobNode<T: Backend> {
     pub(super) done: ProxyFence,
 }
 
-/// The jobs of a queue, in submission order.
+/// The submitted jobs of a queue, by the sequence numbers of their done fences.
 type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
 
 /// The state of a queue, behind its mutex.
@@ -151,6 +155,9 @@ pub(super) struct Proc<T: Backend> {
     dep_cb: Option<Pin<KBox<DepCallback<T>>>>,
     /// Wakes the retire work when the oldest running job's done fence signals.
     retire_cb: Option<Pin<KBox<RetireCallback<T>>>>,
+    /// The retire work is queued or running, or `retire_cb` is armed: the retire work will look
+    /// at every job in order without another kick.
+    retire_busy: bool,
 }
 
 /// The shared part of a [`JobQueue`].
@@ -409,7 +416,12 @@ impl<T: Backend> Inner<T> {
             return;
         }
         let (mut started, mut finished) = (false, false);
+        let (mut handled, mut more) = (0, false);
         loop {
+            if handled == RUN_BATCH {
+                more = true;
+                break;
+            }
             let seqno = proc.next_run;
             let Some(node) = proc.jobs.get_mut(&seqno) else {
                 break;
@@ -449,6 +461,7 @@ impl<T: Backend> Inner<T> {
                         proc.last_released = Some(node.done.fence().clone());
                         proc.next_run += 1;
                         started = true;
+                        handled += 1;
                         continue;
                     }
                     Some(outcome) => *node.as_mut().project().outcome = Some(outcome),
@@ -474,15 +487,23 @@ impl<T: Backend> Inner<T> {
             proc.last_released = None;
             proc.next_run += 1;
             finished = true;
+            handled += 1;
         }
+        // The retire work needs a kick for the jobs that started or finished, unless it is busy
+        // already: then it gets to them in order.
+        let retire = (started || finished) && !core::mem::replace(&mut proc.retire_busy, true);
         drop(guard);
+        if more {
+            // Let submitters have the lock, then go on.
+            self.kick_run();
+        }
 
         if started {
             if let Some(timeout) = self.timeout {
                 self.arm_timeout(timeout);
             }
         }
-        if started || finished {
+        if retire {
             self.kick_retire();
         }
     }
@@ -497,24 +518,39 @@ impl<T: Backend> Inner<T> {
                 let mut guard = self.proc.lock();
                 let proc = &mut *guard;
                 let Some(mut cursor) = proc.jobs.cursor_front_mut() else {
+                    proc.retire_busy = false;
                     break;
                 };
                 let (_, node) = cursor.current_mut();
                 let signalled = node.done.fence().is_signaled();
                 let can_retire = signalled && !matches!(node.state, JobState::Waiting);
                 if !can_retire {
-                    let wait_on = match &node.state {
+                    let this = node.as_mut().project();
+                    let wait_on = match this.state {
                         JobState::Running {
-                            detached: false, ..
-                        } => Some(node.done.fence().clone()),
+                            started, detached, ..
+                        } => {
+                            // The oldest job runs: it really started when the one before it
+                            // finished, so its timeout counts from `now`, not from when it was
+                            // handed to the ring behind other jobs.
+                            if freed && (*started - now).is_negative() {
+                                *started = now;
+                            }
+                            (!*detached).then(|| this.done.fence().clone())
+                        }
                         _ => None,
                     };
                     // `cursor` is not used past this point, which ends its borrow of the tree.
+                    let mut armed = false;
                     if let (Some(fence), Some(cb)) = (wait_on, proc.retire_cb.as_mut()) {
                         if cb.as_mut().arm(fence) == Armed::RanNow {
                             continue;
                         }
+                        armed = true;
                     }
+                    // Without the callback, whatever changes the oldest job kicks the retire
+                    // work again.
+                    proc.retire_busy = armed;
                     break;
                 }
                 let (_, tree_node) = cursor.remove_current();
@@ -531,22 +567,7 @@ impl<T: Backend> Inner<T> {
             self.drop_job(node);
         }
         if freed {
-            self.restart_clock(now);
             self.kick_run();
-        }
-    }
-
-    /// The oldest running job really started when the one before it finished: its timeout
-    /// counts from `now`, not from when it was handed to the ring behind other jobs.
-    fn restart_clock(&self, now: Instant<Monotonic>) {
-        let mut proc = self.proc.lock();
-        for (_, node) in proc.jobs.iter_mut() {
-            if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
-                if (*started - now).is_negative() {
-                    *started = now;
-                }
-                break;
-            }
         }
     }
 
@@ -701,6 +722,7 @@ impl<T: Backend> JobQueue<T> {
                     dying: false,
                     dep_cb: None,
                     retire_cb: None,
+                    retire_busy: false,
                 }, PROC_LOCK_NAME, proc_lock_class()),
                 run_work <- Work::new(RUN_WORK_NAME, run_work_class()),
                 retire_work <- Work::new(RETIRE_WORK_NAME, retire_work_class()),
@@ -743,7 +765,8 @@ impl<T: Backend> JobQueue<T> {
     /// Fails only before anything happened, handing the job back: with `EINVAL` if the job was
     /// created by another queue, with `ENODEV` if the device is gone. Past that point it cannot
     /// fail and does not allocate; the done fence signals exactly once. Jobs queue up while the
-    /// queue is stopped.
+    /// queue is stopped. A job that is next in line and ready is handed to [`Backend::run`] from
+    /// here, so call this without locks that [`Backend::run`] takes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
         if !Arc::ptr_eq(&job.queue, &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
@@ -792,8 +815,16 @@ impl<T: Backend> JobQueue<T> {
             guard.waiting,
             guard.credits_in_use,
         );
+        // Only a job that is next to run needs handing on now. Otherwise a job before it has not
+        // run yet, and the run work is queued already (it yielded after a batch) or what holds
+        // that job back (a dependency, credits, a stop) kicks the run work when it clears; the
+        // run work then gets to this job as well. The next job is handed on from here, as the
+        // run work would: one trip through the workqueue less per job when the queue keeps up.
+        let next = guard.next_run == seqno;
         drop(guard);
-        self.inner.kick_run();
+        if next {
+            self.inner.run_jobs();
+        }
         Ok(done_ref)
     }
 
@@ -919,7 +950,10 @@ impl<T: Backend> Drop for JobQueue<T> {
                     break;
                 };
                 let (_, tree_node) = cursor.remove_current();
-                tree_node.to_key_value().1
+                let node = tree_node.to_key_value().1;
+                let done = node.done.fence();
+                trace::job_done(done, done.status().unwrap_or(Err(EINVAL)));
+                node
             };
             inner.drop_job(node);
         }
