@@ -9,8 +9,9 @@ consistent record, field by field:
 - each event parses with the fields of include/trace/events/drm_jobqueue.h;
 - job_add_dep events precede their job's job_queue, which counts them in deps,
   and never name the job's own fence;
-- job_run, job_cancel and job_timeout follow their job's job_queue, and the
-  hardware fence of job_run is of another context;
+- job_run, job_cancel and job_timeout follow their job's job_queue, the
+  hardware fence of job_run is of another context, and a queue runs its jobs
+  in order unless a reset resubmitted them;
 - every submitted job has exactly one job_done, after a job_run or job_cancel,
   with the error of its job_cancel if it has one;
 - queue_stop and queue_start alternate per queue;
@@ -82,6 +83,7 @@ def check(log_lines):
     deps_seen = {}    # fence -> job_add_dep events before its job_queue
     ran, cancel, done = set(), {}, {}
     stopped = {}
+    last_run, resubmitted = {}, set()  # per queue: the last job run, a resubmit since
     last_t = 0.0
     for line in trace:
         m = LINE.search(line)
@@ -116,12 +118,26 @@ def check(log_lines):
                 bad(f'{fence}: deps={g[4]} but {deps_seen.get(fence, 0)} job_add_dep events')
             if int(g[3]) == 0:
                 bad(f'{fence}: a job of no credits')
+        elif kind in ('queue_stop', 'queue_start'):
+            ctx = g[1]
+            if stopped.get(ctx, False) == (kind == 'queue_stop'):
+                bad(f'{kind} twice in a row on context {ctx}')
+            stopped[ctx] = kind == 'queue_stop'
+            if g[2:] == ('resubmit',):
+                resubmitted.add(ctx)
         elif fence not in queued:
             bad(f'{kind} for {fence} without job_queue before it')
         elif kind == 'job_run':
             if g[3] == g[0]:
                 bad(f'{fence}: the hardware fence is of the queue\'s own context')
+            if int(g[1]) <= last_run.get(g[0], 0) and g[0] not in resubmitted:
+                bad(f'{fence} ran after job {last_run[g[0]]} of its queue, without a resubmit')
+            resubmitted.discard(g[0])
+            last_run[g[0]] = int(g[1])
             ran.add(fence)
+        elif kind == 'job_timeout':
+            if g[3] == 'reset, resubmit':
+                resubmitted.add(g[0])
         elif kind == 'job_cancel':
             cancel[fence] = int(g[2])
         elif kind == 'job_done':
@@ -132,11 +148,6 @@ def check(log_lines):
                 bad(f'job_done for {fence} that neither ran nor was cancelled')
             if fence in cancel and cancel[fence] != int(g[2]):
                 bad(f'{fence}: cancelled with {cancel[fence]}, done with {g[2]}')
-        if kind in ('queue_stop', 'queue_start'):
-            ctx = g[1]
-            if stopped.get(ctx, False) == (kind == 'queue_stop'):
-                bad(f'{kind} twice in a row on context {ctx}')
-            stopped[ctx] = kind == 'queue_stop'
 
     for fence in queued:
         if fence not in done:

@@ -444,6 +444,7 @@ impl<T: Backend> Inner<T> {
                     break;
                 }
                 let hw = self.backend.run(JobRef::new(node.as_mut()));
+                let ran = hw.as_ref().ok().cloned();
                 match attach(node.as_mut(), hw) {
                     None => {
                         proc.credits_in_use += credits;
@@ -464,7 +465,19 @@ impl<T: Backend> Inner<T> {
                         handled += 1;
                         continue;
                     }
-                    Some(outcome) => *node.as_mut().project().outcome = Some(outcome),
+                    Some(outcome) => {
+                        // The hardware was done before `run` returned: it ran all the same.
+                        if let (Outcome::Completed(_), Some(hw)) = (&outcome, &ran) {
+                            trace::job_run(
+                                self.name,
+                                node.done.fence(),
+                                hw,
+                                proc.waiting,
+                                proc.credits_in_use,
+                            );
+                        }
+                        *node.as_mut().project().outcome = Some(outcome);
+                    }
                 }
             }
 
