@@ -90,6 +90,9 @@ static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 /// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
 const RUN_BATCH: u32 = 16;
 
+/// How many retired jobs the retire work takes out of the queue per hold of the lock.
+const RETIRE_BATCH: usize = 16;
+
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
@@ -98,8 +101,9 @@ type RetireCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RETIRE>>;
 
 /// Where a submitted job is in its life.
 pub(super) enum JobState {
-    /// Not handed to the hardware (yet, or again after a reset).
-    Waiting,
+    /// Not handed to the hardware (yet, or again after a reset), with the dependencies it may
+    /// still have to wait for.
+    Waiting { deps: KVec<ARef<DmaFence>> },
     /// Handed to the hardware; `detached` while the queue is stopped.
     Running {
         hw: ARef<DmaFence>,
@@ -124,11 +128,11 @@ enum Outcome {
 pub(super) struct JobNode<T: Backend> {
     pub(super) payload: T::Job,
     pub(super) credits: u32,
-    deps: KVec<ARef<DmaFence>>,
+    /// How the job ends without its hardware fence, once that is known; a job that finished
+    /// cancelled keeps `Cancelled(e)` here for [`Backend::cancelled`].
     outcome: Option<Outcome>,
     state: JobState,
     holds_credits: bool,
-    cancelled: Option<Error>,
     #[pin]
     pub(super) done: ProxyFence,
 }
@@ -219,7 +223,8 @@ fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, o
         Outcome::Completed(result) => result,
         Outcome::Cancelled(e) => {
             trace::job_cancel(this.done.fence(), e);
-            *this.cancelled = Some(e);
+            // For the cancelled hook, when the job is dropped.
+            *this.outcome = Some(outcome);
             Err(e)
         }
     };
@@ -232,14 +237,17 @@ fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, o
 /// first one still pending.
 fn next_dependency<T: Backend>(node: Pin<&mut JobNode<T>>) -> Option<ARef<DmaFence>> {
     let this = node.project();
-    while let Some(dep) = this.deps.last() {
+    let JobState::Waiting { deps } = this.state else {
+        return None;
+    };
+    while let Some(dep) = deps.last() {
         match dep.status() {
             None => return Some(dep.clone()),
             Some(result) => {
                 if let Err(e) = result {
                     this.outcome.get_or_insert(Outcome::Cancelled(e));
                 }
-                this.deps.pop();
+                deps.pop();
             }
         }
     }
@@ -294,7 +302,7 @@ impl Counters<'_> {
     /// Accounts for a job leaving `state`, giving back its credits.
     fn leave(&mut self, state: &JobState, credits: u32, holds_credits: &mut bool) {
         match state {
-            JobState::Waiting => *self.waiting -= 1,
+            JobState::Waiting { .. } => *self.waiting -= 1,
             JobState::Running { .. } => *self.running -= 1,
             JobState::Finished => {}
         }
@@ -357,7 +365,7 @@ impl<T: Backend> Proc<T> {
                     let this = node.as_mut().project();
                     counters.leave(this.state, *this.credits, this.holds_credits);
                     *counters.waiting += 1;
-                    *this.state = JobState::Waiting;
+                    *this.state = JobState::Waiting { deps: KVec::new() };
                     resubmit_from.get_or_insert(seqno);
                 }
                 Recovery::Cancel(e) => finish(&mut counters, node.as_mut(), Outcome::Cancelled(e)),
@@ -376,7 +384,7 @@ impl<T: Backend> Proc<T> {
         let (jobs, mut counters) = self.split();
         for (_, node) in jobs.iter_mut() {
             let pending = match &node.state {
-                JobState::Waiting => true,
+                JobState::Waiting { .. } => true,
                 JobState::Running { detached, .. } => *detached,
                 JobState::Finished => false,
             };
@@ -426,7 +434,7 @@ impl<T: Backend> Inner<T> {
             let Some(node) = proc.jobs.get_mut(&seqno) else {
                 break;
             };
-            if !matches!(node.state, JobState::Waiting) {
+            if !matches!(node.state, JobState::Waiting { .. }) {
                 proc.next_run += 1;
                 continue;
             }
@@ -526,58 +534,70 @@ impl<T: Backend> Inner<T> {
     fn retire(self: &Arc<Self>) {
         let mut freed = false;
         let now = Instant::<Monotonic>::now();
-        loop {
-            let node = {
+        let mut more = true;
+        while more {
+            // Up to `RETIRE_BATCH` jobs per hold of the lock; they are dropped after it.
+            let mut batch: [Option<Pin<KBox<JobNode<T>>>>; RETIRE_BATCH] =
+                [const { None }; RETIRE_BATCH];
+            let mut taken = 0;
+            {
                 let mut guard = self.proc.lock();
                 let proc = &mut *guard;
-                let Some(mut cursor) = proc.jobs.cursor_front_mut() else {
-                    proc.retire_busy = false;
-                    break;
-                };
-                let (_, node) = cursor.current_mut();
-                let signalled = node.done.fence().is_signaled();
-                let can_retire = signalled && !matches!(node.state, JobState::Waiting);
-                if !can_retire {
-                    let this = node.as_mut().project();
-                    let wait_on = match this.state {
-                        JobState::Running {
-                            started, detached, ..
-                        } => {
-                            // The oldest job runs: it really started when the one before it
-                            // finished, so its timeout counts from `now`, not from when it was
-                            // handed to the ring behind other jobs.
-                            if freed && (*started - now).is_negative() {
-                                *started = now;
-                            }
-                            (!*detached).then(|| this.done.fence().clone())
-                        }
-                        _ => None,
+                while taken < RETIRE_BATCH {
+                    let Some(mut cursor) = proc.jobs.cursor_front_mut() else {
+                        proc.retire_busy = false;
+                        more = false;
+                        break;
                     };
-                    // `cursor` is not used past this point, which ends its borrow of the tree.
-                    let mut armed = false;
-                    if let (Some(fence), Some(cb)) = (wait_on, proc.retire_cb.as_mut()) {
-                        if cb.as_mut().arm(fence) == Armed::RanNow {
-                            continue;
+                    let (_, node) = cursor.current_mut();
+                    let signalled = node.done.fence().is_signaled();
+                    let can_retire = signalled && !matches!(node.state, JobState::Waiting { .. });
+                    if !can_retire {
+                        let this = node.as_mut().project();
+                        let wait_on = match this.state {
+                            JobState::Running {
+                                started, detached, ..
+                            } => {
+                                // The oldest job runs: it really started when the one before it
+                                // finished, so its timeout counts from `now`, not from when it
+                                // was handed to the ring behind other jobs.
+                                if freed && (*started - now).is_negative() {
+                                    *started = now;
+                                }
+                                (!*detached).then(|| this.done.fence().clone())
+                            }
+                            _ => None,
+                        };
+                        // `cursor` is not used past this point, which ends its borrow of the tree.
+                        let mut armed = false;
+                        if let (Some(fence), Some(cb)) = (wait_on, proc.retire_cb.as_mut()) {
+                            if cb.as_mut().arm(fence) == Armed::RanNow {
+                                continue;
+                            }
+                            armed = true;
                         }
-                        armed = true;
+                        // Without the callback, whatever changes the oldest job kicks the retire
+                        // work again.
+                        proc.retire_busy = armed;
+                        more = false;
+                        break;
                     }
-                    // Without the callback, whatever changes the oldest job kicks the retire
-                    // work again.
-                    proc.retire_busy = armed;
-                    break;
+                    let (_, tree_node) = cursor.remove_current();
+                    let (_, mut node) = tree_node.to_key_value();
+                    let (_, mut counters) = proc.split();
+                    let this = node.as_mut().project();
+                    counters.leave(this.state, *this.credits, this.holds_credits);
+                    *this.state = JobState::Finished;
+                    let done = this.done.fence();
+                    trace::job_done(done, done.status().unwrap_or(Err(EINVAL)));
+                    freed = true;
+                    batch[taken] = Some(node);
+                    taken += 1;
                 }
-                let (_, tree_node) = cursor.remove_current();
-                let (_, mut node) = tree_node.to_key_value();
-                let (_, mut counters) = proc.split();
-                let this = node.as_mut().project();
-                counters.leave(this.state, *this.credits, this.holds_credits);
-                *this.state = JobState::Finished;
-                let done = this.done.fence();
-                trace::job_done(done, done.status().unwrap_or(Err(EINVAL)));
-                freed = true;
-                node
-            };
-            self.drop_job(node);
+            }
+            for node in batch.iter_mut().take(taken).filter_map(Option::take) {
+                self.drop_job(node);
+            }
         }
         if freed {
             self.kick_run();
@@ -586,7 +606,7 @@ impl<T: Backend> Inner<T> {
 
     /// Calls the cancelled hook if needed and drops a retired job, without the lock held.
     fn drop_job(&self, mut node: Pin<KBox<JobNode<T>>>) {
-        if let Some(e) = node.cancelled {
+        if let Some(Outcome::Cancelled(e)) = node.outcome {
             self.backend.cancelled(JobRef::new(node.as_mut()), e);
         }
         drop(node);
@@ -810,11 +830,9 @@ impl<T: Backend> JobQueue<T> {
         let init = pin_init!(JobNode {
             payload,
             credits,
-            deps,
             outcome: None,
-            state: JobState::Waiting,
+            state: JobState::Waiting { deps },
             holds_credits: false,
-            cancelled: None,
             done <- ProxyFence::new(done),
         });
         let Ok(node) = KBox::write_pin_init(node, init);
