@@ -643,13 +643,6 @@ impl UniqueFence {
     pub fn to_aref(&self) -> ARef<DmaFence> {
         ARef::from(&**self.fence)
     }
-
-    /// Returns the nesting level of the fence's context.
-    fn level(&self) -> u32 {
-        // SAFETY: By the type invariants the fence is the `base` of a `RawFence`, whose `level`
-        // does not change after initialisation.
-        unsafe { (*self.fence.as_raw().cast::<RawFence>()).level }
-    }
 }
 
 impl core::ops::Deref for UniqueFence {
