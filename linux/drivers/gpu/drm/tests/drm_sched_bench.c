@@ -9,8 +9,8 @@
  * queue differs. Each queue here is a drm_gpu_scheduler with one entity (the
  * 1:1 model of firmware-scheduled hardware), with its own mock ring. The mock
  * ring completes at once: run_job() puts the hardware fence in a FIFO and
- * queues a work item on system_highpri_wq that signals the FIFO's fences in
- * order.
+ * starts an hrtimer without delay whose callback, in hardirq context as an
+ * interrupt handler would, signals the FIFO's fences in order.
  *
  * It runs as a late initcall, after jobqueue_bench (a device initcall) and
  * after drm_sched's own initcall, which creates its fence slab.
@@ -21,6 +21,7 @@
 #include <linux/delay.h>
 #include <linux/device/faux.h>
 #include <linux/dma-fence.h>
+#include <linux/hrtimer.h>
 #include <linux/jiffies.h>
 #include <linux/ktime.h>
 #include <linux/mm.h>
@@ -29,7 +30,6 @@
 #include <linux/seq_buf.h>
 #include <linux/slab.h>
 #include <linux/sort.h>
-#include <linux/workqueue.h>
 
 #include <drm/gpu_scheduler.h>
 
@@ -197,7 +197,10 @@ static void rep_job_freed(struct bench_rep *rep)
 		complete_all(&rep->all_freed);
 }
 
-/* Mock hardware that completes every job at once, from a work item. */
+/*
+ * Mock hardware that completes every job at once, from hardirq context as an
+ * interrupt would: an hrtimer without delay signals the FIFO's fences.
+ */
 struct bench_ring {
 	/* Protects the FIFO: @slots, @head and @len. */
 	spinlock_t lock;
@@ -205,7 +208,7 @@ struct bench_ring {
 	unsigned int size;
 	unsigned int head;
 	unsigned int len;
-	struct work_struct work;
+	struct hrtimer timer;
 	u64 context;
 	atomic64_t seqno;
 };
@@ -213,37 +216,40 @@ struct bench_ring {
 static struct dma_fence *ring_pop(struct bench_ring *ring)
 {
 	struct dma_fence *fence = NULL;
+	unsigned long flags;
 
-	spin_lock(&ring->lock);
+	spin_lock_irqsave(&ring->lock, flags);
 	if (ring->len) {
 		fence = ring->slots[ring->head];
 		ring->head = ring->head + 1 == ring->size ? 0 : ring->head + 1;
 		ring->len--;
 	}
-	spin_unlock(&ring->lock);
+	spin_unlock_irqrestore(&ring->lock, flags);
 	return fence;
 }
 
-static void ring_work(struct work_struct *work)
+static enum hrtimer_restart ring_timer(struct hrtimer *timer)
 {
-	struct bench_ring *ring = container_of(work, struct bench_ring, work);
+	struct bench_ring *ring = container_of(timer, struct bench_ring, timer);
 	struct dma_fence *fence;
 
 	while ((fence = ring_pop(ring))) {
 		dma_fence_signal(fence);
 		dma_fence_put(fence);
 	}
+	return HRTIMER_NORESTART;
 }
 
 /* Puts @fence, with the reference the caller hands over, at the end of the FIFO. */
 static int ring_push(struct bench_ring *ring, struct dma_fence *fence)
 {
+	unsigned long flags;
 	unsigned int tail;
 	bool was_empty;
 
-	spin_lock(&ring->lock);
+	spin_lock_irqsave(&ring->lock, flags);
 	if (ring->len == ring->size) {
-		spin_unlock(&ring->lock);
+		spin_unlock_irqrestore(&ring->lock, flags);
 		return -EBUSY;
 	}
 	tail = ring->head + ring->len;
@@ -251,11 +257,15 @@ static int ring_push(struct bench_ring *ring, struct dma_fence *fence)
 		tail -= ring->size;
 	ring->slots[tail] = fence;
 	was_empty = ++ring->len == 1;
-	spin_unlock(&ring->lock);
+	spin_unlock_irqrestore(&ring->lock, flags);
 
-	/* The work item empties the FIFO before it returns. */
+	/*
+	 * The timer empties the FIFO before it returns, so it only needs
+	 * starting when the FIFO was empty (again, if its callback is still
+	 * returning).
+	 */
 	if (was_empty)
-		queue_work(system_highpri_wq, &ring->work);
+		hrtimer_start(&ring->timer, 0, HRTIMER_MODE_REL);
 	return 0;
 }
 
@@ -268,7 +278,7 @@ static int ring_init(struct bench_ring *ring, unsigned int size)
 	ring->size = size;
 	ring->head = 0;
 	ring->len = 0;
-	INIT_WORK(&ring->work, ring_work);
+	hrtimer_setup(&ring->timer, ring_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
 	ring->context = dma_fence_context_alloc(1);
 	atomic64_set(&ring->seqno, 0);
 	return 0;
@@ -276,7 +286,7 @@ static int ring_init(struct bench_ring *ring, unsigned int size)
 
 static void ring_fini(struct bench_ring *ring)
 {
-	flush_work(&ring->work);
+	hrtimer_cancel(&ring->timer);
 	kfree(ring->slots);
 }
 

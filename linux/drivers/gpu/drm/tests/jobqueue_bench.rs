@@ -29,8 +29,8 @@
 //!   before it), from the last of their done fences' signals to the start of [`Backend::run`].
 //!
 //! The mock hardware is the same on both sides and completes at once: [`Backend::run`] puts the
-//! hardware fence in a FIFO and queues a work item on the high-priority system workqueue that
-//! signals the FIFO's fences in order. (Timer-driven hardware would measure the tick under QEMU.)
+//! hardware fence in a FIFO and starts an hrtimer without delay whose callback signals the FIFO's
+//! fences in order, in hardirq context as an interrupt handler would.
 //!
 //! The workloads (bit `n` of the `workloads` parameter selects the `n`-th):
 //!
@@ -79,9 +79,8 @@ use kernel::{
         Recovery,
         TimeoutAction, //
     },
-    impl_has_work,
-    new_spinlock,
-    new_work,
+    impl_has_hr_timer,
+    new_spinlock_irq,
     page::PAGE_SIZE,
     prelude::*,
     sync::{
@@ -91,19 +90,24 @@ use kernel::{
             Atomic, //
         },
         Arc,
+        ArcBorrow,
         Completion,
-        SpinLock, //
+        SpinLockIrq, //
     },
     time::{
         delay::fsleep,
+        hrtimer::{
+            ArcHrTimerHandle,
+            HrTimer,
+            HrTimerCallback,
+            HrTimerCallbackContext,
+            HrTimerPointer,
+            HrTimerRestart,
+            RelativeMode, //
+        },
         Delta,
         Instant,
         Monotonic, //
-    },
-    workqueue::{
-        self,
-        Work,
-        WorkItem, //
     }, //
 };
 
@@ -256,27 +260,34 @@ struct Fifo {
     len: usize,
 }
 
-/// Mock hardware that completes every job at once, from a work item.
+/// Mock hardware that completes every job at once, from hardirq context as an interrupt would:
+/// an hrtimer without delay signals the FIFO's fences.
 #[pin_data]
 struct MockRing {
     hw: FenceContext,
     #[pin]
-    fifo: SpinLock<Fifo>,
+    fifo: SpinLockIrq<Fifo>,
     #[pin]
-    work: Work<MockRing>,
+    timer: HrTimer<Self>,
+    /// The handle of the last start of the timer; dropping it cancels the timer.
+    #[pin]
+    handle: SpinLockIrq<Option<ArcHrTimerHandle<MockRing>>>,
 }
 
-impl_has_work! {
-    impl HasWork<Self> for MockRing { self.work }
+impl_has_hr_timer! {
+    impl HasHrTimer<Self> for MockRing {
+        mode: RelativeMode<Monotonic>, field: self.timer
+    }
 }
 
-impl WorkItem for MockRing {
-    type Pointer = Arc<MockRing>;
+impl HrTimerCallback for MockRing {
+    type Pointer<'a> = Arc<Self>;
 
-    fn run(this: Arc<MockRing>) {
+    fn run(this: ArcBorrow<'_, Self>, _ctx: HrTimerCallbackContext<'_, Self>) -> HrTimerRestart {
         while let Some(fence) = this.pop() {
             fence.signal(Ok(()));
         }
+        HrTimerRestart::NoRestart
     }
 }
 
@@ -289,12 +300,13 @@ impl MockRing {
         Arc::pin_init(
             pin_init!(Self {
                 hw: FenceContext::new(c"jobqueue_bench", c"mock-ring"),
-                fifo <- new_spinlock!(Fifo {
+                fifo <- new_spinlock_irq!(Fifo {
                     slots: fifo,
                     head: 0,
                     len: 0,
                 }),
-                work <- new_work!("MockRing::work"),
+                timer <- HrTimer::new(),
+                handle <- new_spinlock_irq!(None),
             }),
             GFP_KERNEL,
         )
@@ -316,12 +328,22 @@ impl MockRing {
             fifo.len += 1;
             fifo.len == 1
         };
-        // The work item empties the FIFO before it returns, so it only needs queueing when the
-        // FIFO was empty.
+        // The timer empties the FIFO before it returns, so it only needs starting when the FIFO
+        // was empty.
         if was_empty {
-            let _ = workqueue::system_highpri().enqueue(self.clone());
+            // Dropping the previous handle waits for a callback that is still returning.
+            let old = self.handle.lock().take();
+            drop(old);
+            let handle = self.clone().start(Delta::ZERO);
+            *self.handle.lock() = Some(handle);
         }
         Ok(())
+    }
+
+    /// Stops the timer and drops its reference to the ring.
+    fn stop(&self) {
+        let old = self.handle.lock().take();
+        drop(old);
     }
 
     fn pop(&self) -> Option<UniqueFence> {
@@ -432,6 +454,13 @@ impl Drop for BenchJob {
 
 struct BenchBackend {
     ring: Arc<MockRing>,
+}
+
+impl Drop for BenchBackend {
+    fn drop(&mut self) {
+        // The timer's handle holds a reference to the ring.
+        self.ring.stop();
+    }
 }
 
 impl Backend for BenchBackend {
