@@ -13,6 +13,7 @@
 #if !defined(_TRACE_DRM_JOBQUEUE_H) || defined(TRACE_HEADER_MULTI_READ)
 #define _TRACE_DRM_JOBQUEUE_H
 
+#include <linux/dma-fence.h>
 #include <linux/tracepoint.h>
 #include <linux/types.h>
 
@@ -98,10 +99,22 @@ DECLARE_EVENT_CLASS(drm_jobqueue_job_end,
 			      __entry->fence_context, __entry->fence_seqno, __entry->error)
 );
 
-/* A job retired: its done fence signalled with @error (0 on success). */
-DEFINE_EVENT(drm_jobqueue_job_end, drm_jobqueue_job_done,
-	     TP_PROTO(u64 fence_context, u64 fence_seqno, int error),
-	     TP_ARGS(fence_context, fence_seqno, error)
+/*
+ * A job retired: its done fence @fence has signalled, with its error (0 on
+ * success). The fence, not its fields, is the argument, so that nothing is
+ * read while the event is disabled.
+ */
+TRACE_EVENT(drm_jobqueue_job_done,
+	    TP_PROTO(struct dma_fence *fence),
+	    TP_ARGS(fence),
+	    TP_STRUCT__entry(__field(u64, fence_context)
+			     __field(u64, fence_seqno)
+			     __field(int, error)),
+	    TP_fast_assign(__entry->fence_context = fence->context;
+			   __entry->fence_seqno = fence->seqno;
+			   __entry->error = fence->error;),
+	    TP_printk("fence=%llu:%llu error=%d",
+		      __entry->fence_context, __entry->fence_seqno, __entry->error)
 );
 
 /* A job ended without the hardware completing it; its done fence got @error. */

@@ -9,6 +9,7 @@ use super::{
     TimeoutAction, //
 };
 use crate::{
+    bindings,
     declare_trace,
     dma_fence::DmaFence,
     prelude::*, //
@@ -45,8 +46,8 @@ declare_trace! {
     );
     /// # Safety
     ///
-    /// None.
-    unsafe fn drm_jobqueue_job_done(fence_context: u64, fence_seqno: u64, error: c_int);
+    /// `fence` must point to a valid `struct dma_fence`.
+    unsafe fn drm_jobqueue_job_done(fence: *mut bindings::dma_fence);
     /// # Safety
     ///
     /// None.
@@ -72,13 +73,6 @@ declare_trace! {
         fence_context: u64,
         what: *const c_char,
     );
-}
-
-fn errno(result: Result) -> c_int {
-    match result {
-        Ok(()) => 0,
-        Err(e) => e.to_errno(),
-    }
 }
 
 /// A job was submitted.
@@ -133,10 +127,12 @@ pub(super) fn job_run(
     }
 }
 
-/// A job was retired; its done fence signalled with `result`.
-pub(super) fn job_done(done: &DmaFence, result: Result) {
-    // SAFETY: No requirements.
-    unsafe { drm_jobqueue_job_done(done.context(), done.seqno(), errno(result)) }
+/// A job was retired; its done fence `done` has signalled, and the event records its error.
+///
+/// The fence's fields are only read when the event is enabled.
+pub(super) fn job_done(done: &DmaFence) {
+    // SAFETY: `done` is a valid fence for as long as the reference lives.
+    unsafe { drm_jobqueue_job_done(done.as_raw()) }
 }
 
 /// A job ended without the hardware completing it.
