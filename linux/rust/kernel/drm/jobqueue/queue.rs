@@ -256,19 +256,23 @@ fn next_dependency<T: Backend>(node: Pin<&mut JobNode<T>>) -> Option<ARef<DmaFen
 
 /// Makes the done fence of a job follow the hardware fence `run` returned.
 ///
-/// Returns [`None`] if the job is now running, or how it ended without the hardware.
-fn attach<T: Backend>(node: Pin<&mut JobNode<T>>, hw: Result<ARef<DmaFence>>) -> Option<Outcome> {
+/// Returns [`None`] if the job is now running, or how it ended without the hardware, with the
+/// hardware fence if the hardware was done before `run` returned.
+fn attach<T: Backend>(
+    node: Pin<&mut JobNode<T>>,
+    hw: Result<ARef<DmaFence>>,
+) -> Option<(Outcome, Option<ARef<DmaFence>>)> {
     let hw = match hw {
         Ok(hw) => hw,
-        Err(e) => return Some(Outcome::Cancelled(e)),
+        Err(e) => return Some((Outcome::Cancelled(e), None)),
     };
     if let Some(result) = hw.status() {
         // Signalled already: the done fence must still wait for the jobs before it.
-        return Some(Outcome::Completed(result));
+        return Some((Outcome::Completed(result), Some(hw)));
     }
     let mut this = node.project();
     if let Err(e) = this.done.as_mut().follow(hw.clone()) {
-        return Some(Outcome::Cancelled(e));
+        return Some((Outcome::Cancelled(e), None));
     }
     *this.state = JobState::Running {
         hw,
@@ -452,7 +456,6 @@ impl<T: Backend> Inner<T> {
                     break;
                 }
                 let hw = self.backend.run(JobRef::new(node.as_mut()));
-                let ran = hw.as_ref().ok().cloned();
                 match attach(node.as_mut(), hw) {
                     None => {
                         proc.credits_in_use += credits;
@@ -473,13 +476,13 @@ impl<T: Backend> Inner<T> {
                         handled += 1;
                         continue;
                     }
-                    Some(outcome) => {
+                    Some((outcome, done_hw)) => {
                         // The hardware was done before `run` returned: it ran all the same.
-                        if let (Outcome::Completed(_), Some(hw)) = (&outcome, &ran) {
+                        if let Some(hw) = done_hw {
                             trace::job_run(
                                 self.name,
                                 node.done.fence(),
-                                hw,
+                                &hw,
                                 proc.waiting,
                                 proc.credits_in_use,
                             );
@@ -588,8 +591,7 @@ impl<T: Backend> Inner<T> {
                     let this = node.as_mut().project();
                     counters.leave(this.state, *this.credits, this.holds_credits);
                     *this.state = JobState::Finished;
-                    let done = this.done.fence();
-                    trace::job_done(done, done.status().unwrap_or(Err(EINVAL)));
+                    trace::job_done(this.done.fence());
                     freed = true;
                     batch[taken] = Some(node);
                     taken += 1;
@@ -982,8 +984,7 @@ impl<T: Backend> Drop for JobQueue<T> {
                 };
                 let (_, tree_node) = cursor.remove_current();
                 let node = tree_node.to_key_value().1;
-                let done = node.done.fence();
-                trace::job_done(done, done.status().unwrap_or(Err(EINVAL)));
+                trace::job_done(node.done.fence());
                 node
             };
             inner.drop_job(node);
