@@ -398,9 +398,9 @@ impl DmaFence {
                 msecs_to_jiffies(ms as u32) as c_long
             }
         };
+        let fence = self.as_raw();
         // SAFETY: By the type invariants the fence is valid; `jiffies` is not negative.
-        let ret =
-            unsafe { bindings::dma_fence_wait_timeout(self.as_raw(), interruptible, jiffies) };
+        let ret = unsafe { bindings::dma_fence_wait_timeout(fence, interruptible, jiffies) };
         match ret {
             r if r > 0 => Ok(()),
             0 => Err(ETIMEDOUT),
