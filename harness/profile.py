@@ -12,12 +12,14 @@ the counts are shares of the instructions executed.
 usage: profile.py LOG SYSTEM.MAP [TOP]
 """
 
-import base64
 import bisect
-import gzip
+import os
 import re
 import struct
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dump  # noqa: E402
 
 # Where the CPUs wait for work: counted apart, not in the shares.
 IDLE = re.compile(r'^(default_idle|arch_cpu_idle|cpu_idle_poll|pv_native_safe_halt|'
@@ -26,20 +28,10 @@ IDLE = re.compile(r'^(default_idle|arch_cpu_idle|cpu_idle_poll|pv_native_safe_ha
 
 
 def read_profile(log):
-    lines, inside = [], False
     with open(log, errors='replace') as f:
-        for line in f:
-            if 'jq-harness: profile begin' in line:
-                inside, lines = True, []
-            elif 'jq-harness: profile end' in line:
-                inside = False
-            elif inside:
-                m = re.search(r'jq-harness: profile: (\S+)', line)
-                if m:
-                    lines.append(m.group(1))
-    if not lines:
+        data = dump.read(f, 'profile')
+    if data is None:
         sys.exit(f'profile.py: no profile in {log} (profile= on the command line, CONFIG_PROFILING)')
-    data = gzip.decompress(base64.b64decode(''.join(lines)))
     step = struct.unpack_from('<I', data)[0]
     counts = struct.unpack_from(f'<{(len(data) - 4) // 4}I', data, 4)
     return step, counts

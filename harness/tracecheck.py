@@ -20,9 +20,9 @@ consistent record, field by field:
 check(lines) returns (problems, summary).
 """
 
-import base64
-import gzip
 import re
+
+import dump
 
 FENCE = r'(\d+):(\d+)'
 EVENTS = {
@@ -44,23 +44,15 @@ LINE = re.compile(r'\s(\d+\.\d+): drm_jobqueue_(\w+): (.*)$')
 
 def decode(lines):
     """Returns the trace lines and the buffer statistics printed by the initramfs."""
-    data, stats, inside = [], None, False
+    stats = None
     for line in lines:
-        if 'jq-harness: trace begin' in line:
-            inside = True
-        elif 'jq-harness: trace end' in line:
-            inside = False
-        elif inside:
-            m = re.search(r'jq-harness: trace: (\S+)', line)
-            if m:
-                data.append(m.group(1))
-            m = re.search(r'jq-harness: trace entries-in-buffer/entries-written: (\d+)/(\d+)', line)
-            if m:
-                stats = (int(m.group(1)), int(m.group(2)))
-    if not data:
+        m = re.search(r'jq-harness: trace entries-in-buffer/entries-written: (\d+)/(\d+)', line)
+        if m:
+            stats = (int(m.group(1)), int(m.group(2)))
+    data = dump.read(lines, 'trace')
+    if data is None:
         return None, stats
-    text = gzip.decompress(base64.b64decode(''.join(data))).decode(errors='replace')
-    return text.splitlines(), stats
+    return data.decode(errors='replace').splitlines(), stats
 
 
 def check(log_lines):
