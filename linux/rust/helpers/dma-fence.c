@@ -2,6 +2,8 @@
 
 #include <linux/dma-fence.h>
 #include <linux/lockdep.h>
+#include <linux/module.h>
+#include <linux/rcupdate.h>
 
 __rust_helper struct dma_fence *rust_helper_dma_fence_get(struct dma_fence *fence)
 {
@@ -76,3 +78,29 @@ __rust_helper void rust_helper_dma_fence_end_signalling(bool cookie)
 	dma_fence_end_signalling(cookie);
 }
 #endif
+
+/*
+ * Fences and fence callbacks made in Rust keep the module that holds their
+ * names or their callback's code loaded while they are pending: the module
+ * whose memory holds @addr, NULL for vmlinux. No reference is taken.
+ */
+__rust_helper struct module *rust_helper_dma_fence_module_of(const void *addr)
+{
+	struct module *mod;
+
+	rcu_read_lock();
+	mod = __module_address((unsigned long)addr);
+	rcu_read_unlock();
+	return mod;
+}
+
+__rust_helper void rust_helper_dma_fence_module_get(struct module *mod)
+{
+	if (mod)
+		__module_get(mod);
+}
+
+__rust_helper void rust_helper_dma_fence_module_put(struct module *mod)
+{
+	module_put(mod);
+}

@@ -32,7 +32,7 @@
 //! |---|---|
 //! | [`WakeTask`] | a task is woken up |
 //! | [`CompleteCompletion`] | a [`Completion`] is completed (`complete_all`) |
-//! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a workqueue, to work in process context |
+//! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a [`FenceWorkqueue`], to work in process context |
 //! | [`QueueKthreadWork`] | a [`KthreadWorkItem`] is queued on a [`kthread::Worker`] |
 //! | [`ProxyFence`] | another fence signals, with the same error |
 //!
@@ -41,12 +41,26 @@
 //! fence when disarmed or dropped. Its payload (the task, the work item, ...) is only ever dropped
 //! with the [`FenceCallback`], never in the callback. Arming on a fence that has already signalled
 //! runs the action at once, in the caller's context, so the action always happens exactly once
-//! after the fence signalled, unless the callback is disarmed first.
+//! after the fence signalled, unless the callback is disarmed first. Every action is told the
+//! fence's result, read in order with the signaller (under the fence lock).
+//!
+//! Work that signals fences runs on a [`FenceWorkqueue`] (`WQ_MEM_RECLAIM`, never in softirq),
+//! and a [`SignallingWorkItem`] runs inside a [`SignallingSection`] without having to ask.
+//!
+//! # Leaks and module unload
+//!
+//! The fence operations and the function the C side calls for every callback live in vmlinux.
+//! What lives in a module (the names of a [`FenceContext`], the code of a callback kind
+//! instantiated there) is pinned while it can be reached: an unsignalled fence holds a reference
+//! on the module of its names, an armed callback on the module of its code. A fence or callback
+//! leaked with [`core::mem::forget`], [`KBox::leak`] or a reference cycle therefore keeps its
+//! module loaded instead of leaving the C side pointers into freed memory. What is left to the
+//! user: a module must still flush the work items it queued before it unloads, as always.
 //!
 //! # Lock classes and nesting
 //!
 //! Fences created here use the spinlock embedded in `struct dma_fence`, with a lockdep class per
-//! nesting level of their [`FenceContext`] (see [`FenceContext::new_nested`]). A
+//! nesting level of their context (see [`NestedFenceContext`]). A
 //! [`ProxyFence`] signals its fence from the callback of its source, inside the source's lock, so
 //! its level must be above the source's: lockdep then sees nesting, not recursion, as it does for
 //! `dma_fence_array` and `dma_fence_chain`. [`SignallingSection`] annotates fence signalling
@@ -167,12 +181,15 @@ static LOCK_NAMES: [&CStr; LEVELS] = [
 ///
 /// # Invariants
 ///
-/// `driver_name` and `timeline_name` point to NUL-terminated strings of `'static` lifetime.
+/// - `driver_name` and `timeline_name` point to NUL-terminated strings of `'static` lifetime, in
+///   vmlinux or in the memory of the module `owner`.
+/// - `owner` is null, or a module on which the fence holds a reference until it has signalled.
 #[repr(C)]
 struct RawFence {
     base: Opaque<bindings::dma_fence>,
     driver_name: *const c_char,
     timeline_name: *const c_char,
+    owner: *mut bindings::module,
     level: u32,
 }
 
@@ -221,24 +238,34 @@ fn error_to_result(error: c_int) -> Result {
     }
 }
 
-/// Signals `fence` with `result`, unless it was signalled already.
+/// Signals `fence` with `result`, unless it was signalled already, and lets go of the module
+/// that holds its names.
 ///
 /// # Safety
 ///
-/// `fence` must point to a valid fence.
+/// `fence` must point to a valid fence created by [`FenceContext::init_fence`] (the `base` of a
+/// `RawFence`), on which the caller holds a reference.
 unsafe fn signal_raw(fence: *mut bindings::dma_fence, result: Result) {
     let _section = SignallingSection::begin();
     // SAFETY: The caller guarantees that `fence` is valid. Setting the error and signalling under
     // the fence lock, only if it is not signalled yet, means `dma_fence_set_error()` never warns.
-    unsafe {
+    let signalled_now = unsafe {
         let flags = bindings::dma_fence_lock_irqsave(fence);
-        if !bindings::dma_fence_test_signaled_flag(fence) {
+        let pending = !bindings::dma_fence_test_signaled_flag(fence);
+        if pending {
             if let Err(e) = result {
                 bindings::dma_fence_set_error(fence, e.to_errno());
             }
             bindings::dma_fence_signal_locked(fence);
         }
         bindings::dma_fence_unlock_irqrestore(fence, flags);
+        pending
+    };
+    if signalled_now {
+        // SAFETY: The fence is the `base` of a `RawFence`, alive while the caller's reference is.
+        // It has signalled, so its operations no longer read the names, and by the invariants of
+        // `RawFence` its reference on `owner` is given up now, once.
+        unsafe { module_put((*fence.cast::<RawFence>()).owner) };
     }
 }
 
@@ -340,7 +367,10 @@ impl DmaFence {
 
     /// Returns whether the fence has signalled.
     ///
-    /// Like `dma_fence_is_signaled()`, this may ask the producer and signal the fence.
+    /// Like `dma_fence_is_signaled()`, this may ask the producer and signal the fence. It reads the
+    /// signalled bit without the fence lock: it can be `true` while the signaller is still running
+    /// the fence's callbacks, and nothing orders it before the fence's error. A decision that
+    /// depends on the result or on what the callbacks did must use [`DmaFence::status`].
     #[inline]
     pub fn is_signaled(&self) -> bool {
         // SAFETY: By the type invariants the fence is valid.
@@ -349,6 +379,9 @@ impl DmaFence {
 
     /// Returns [`None`] while the fence is pending, and the result it signalled with once it has
     /// signalled.
+    ///
+    /// It takes the fence lock, so once it returns a result, the signaller's callbacks have run
+    /// and its error is read in order.
     pub fn status(&self) -> Option<Result> {
         // SAFETY: By the type invariants the fence is valid.
         match unsafe { bindings::dma_fence_get_status(self.as_raw()) } {
@@ -359,14 +392,29 @@ impl DmaFence {
     }
 
     /// Returns when the fence signalled, or [`None`] while it is pending.
+    ///
+    /// Also [`None`] if the producer passed `dma_fence_signal_timestamp()` a time that is not a
+    /// `CLOCK_MONOTONIC` time of the past (negative or later than now): C producers are trusted
+    /// with the clock, but an [`Instant`] must be valid.
     pub fn timestamp(&self) -> Option<Instant<Monotonic>> {
-        // SAFETY: By the type invariants the fence is valid.
-        if !unsafe { bindings::dma_fence_test_signaled_flag(self.as_raw()) } {
+        let raw = self.as_raw();
+        // SAFETY: By the type invariants the fence is valid. The signaller sets the signalled bit
+        // and the timestamp inside the fence lock, so under it a signalled fence has its
+        // timestamp: `dma_fence_timestamp()` neither warns nor spins, and reads it in order.
+        let ktime = unsafe {
+            let flags = bindings::dma_fence_lock_irqsave(raw);
+            let ktime = bindings::dma_fence_test_signaled_flag(raw)
+                .then(|| bindings::dma_fence_timestamp(raw));
+            bindings::dma_fence_unlock_irqrestore(raw, flags);
+            ktime
+        }?;
+        // SAFETY: `ktime_get()` can be called from any context.
+        let now = unsafe { bindings::ktime_get() };
+        if !(0..=now).contains(&ktime) {
             return None;
         }
-        // SAFETY: The fence is valid and signalled, so `dma_fence_timestamp()` does not warn and
-        // returns a `CLOCK_MONOTONIC` time, which is not negative.
-        Some(unsafe { Instant::from_ktime(bindings::dma_fence_timestamp(self.as_raw())) })
+        // SAFETY: `ktime` was just checked to be between 0 and now, which is below `KTIME_MAX`.
+        Some(unsafe { Instant::from_ktime(ktime) })
     }
 
     /// Returns whether this fence is later on its timeline than `other`.
@@ -485,15 +533,22 @@ impl FenceAllocation {
 /// It owns a context number from `dma_fence_context_alloc()`, hands out increasing sequence
 /// numbers, and names the driver and the timeline in debug output and traces. The fences of a
 /// timeline must signal in the order of their sequence numbers: other drivers rely on that to
-/// tell which fence is later.
+/// tell which fence is later. Its fences have nesting level 0; [`NestedFenceContext`] makes
+/// fences of higher levels.
+///
+/// # Fences and module unload
 ///
 /// The names are `'static` and only read while a fence is unsignalled, under RCU
 /// (`dma_fence_driver_name()`, `dma_fence_timeline_name()`). Fences of a context detach from its
-/// code and names when they signal (they have neither `release` nor `wait` operations), and
-/// unloading a module waits for an RCU grace period (`synchronize_rcu()` in `free_module()`)
-/// before its memory goes, so signalled fences may outlive the context and the module that
-/// created them. Every fence of a module is signalled before it unloads: a [`UniqueFence`]
-/// signals `-ECANCELED` when dropped.
+/// code and names when they signal (they have neither `release` nor `wait` operations, and their
+/// operations live in vmlinux), so signalled fences may outlive the context and the module that
+/// created them: unloading a module waits for an RCU grace period (`synchronize_rcu()` in
+/// `free_module()`) before its memory goes. An unsignalled fence holds a reference on the module
+/// whose memory holds its context's driver name (or, if that is in vmlinux, its timeline name):
+/// a fence that is never signalled, because its [`UniqueFence`] was leaked with
+/// [`core::mem::forget`] or in a reference cycle, keeps that module loaded (`rmmod` fails with
+/// `EBUSY`) instead of leaving a fence that points into freed memory. What remains the user's
+/// duty: both names must live in the same module (or in vmlinux), since only one is pinned.
 ///
 /// # Examples
 ///
@@ -509,45 +564,50 @@ impl FenceAllocation {
 /// second.signal(Ok(()));
 /// # Ok::<(), Error>(())
 /// ```
+///
+/// # Invariants
+///
+/// `owner` is the module whose memory holds `driver_name`, or else `timeline_name`, or null if
+/// both are in vmlinux. `level` is at most [`MAX_NESTING_LEVEL`].
 pub struct FenceContext {
     context: u64,
     seqno: Atomic<u64>,
     driver_name: &'static CStr,
     timeline_name: &'static CStr,
+    owner: *mut bindings::module,
     level: u32,
 }
+
+// SAFETY: `owner` is only passed to `__module_get()`, which works from any thread; the rest is
+// plain data and an atomic counter.
+unsafe impl Send for FenceContext {}
+// SAFETY: As above; shared references only read the fields and increment the atomic counter.
+unsafe impl Sync for FenceContext {}
 
 impl FenceContext {
     /// Creates a new timeline whose fences have nesting level 0.
     pub fn new(driver_name: &'static CStr, timeline_name: &'static CStr) -> Self {
+        Self::with_level(driver_name, timeline_name, 0)
+    }
+
+    /// Creates a new timeline whose fences have nesting level `level`, at most
+    /// [`MAX_NESTING_LEVEL`].
+    fn with_level(driver_name: &'static CStr, timeline_name: &'static CStr, level: u32) -> Self {
         // SAFETY: `dma_fence_context_alloc()` can be called from any context.
         let context = unsafe { bindings::dma_fence_context_alloc(1) };
+        let owner = match module_of(driver_name.as_char_ptr().cast()) {
+            owner if owner.is_null() => module_of(timeline_name.as_char_ptr().cast()),
+            owner => owner,
+        };
+        // INVARIANT: `owner` was looked up from the names; the callers pass a valid level.
         Self {
             context,
             seqno: Atomic::new(0),
             driver_name,
             timeline_name,
-            level: 0,
-        }
-    }
-
-    /// Creates a new timeline whose fences have nesting level `level`.
-    ///
-    /// A fence of level `n` may be signalled from the signalling path of fences of levels below
-    /// `n` (as a [`ProxyFence`] is), and each level has its own lockdep class. Fails with `EINVAL`
-    /// if `level` is above [`MAX_NESTING_LEVEL`].
-    pub fn new_nested(
-        driver_name: &'static CStr,
-        timeline_name: &'static CStr,
-        level: u32,
-    ) -> Result<Self> {
-        if level > MAX_NESTING_LEVEL {
-            return Err(EINVAL);
-        }
-        Ok(Self {
+            owner,
             level,
-            ..Self::new(driver_name, timeline_name)
-        })
+        }
     }
 
     /// Returns the context number of the timeline.
@@ -581,16 +641,21 @@ impl FenceContext {
         let raw = KBox::into_raw(alloc.0).cast::<RawFence>();
         // CAST: `base` is the first field of the `repr(C)` `RawFence`.
         let fence = raw.cast::<bindings::dma_fence>();
-        // The level is at most `MAX_NESTING_LEVEL`, so it indexes the arrays.
+        // By the type invariants the level is at most `MAX_NESTING_LEVEL`: it indexes the arrays.
         let level = self.level as usize;
+        // SAFETY: The names are in `self.owner`'s memory, which is loaded while they are used, as
+        // `'static` names of a module are: the reference keeps it loaded until the fence signals.
+        unsafe { module_get(self.owner) };
         // SAFETY: `raw` is a valid allocation for a `RawFence`, which we own. The names are written
         // before `dma_fence_init64()`, which may already read them (trace point). The memory comes
         // from kmalloc, so the C side can free it with `dma_fence_free()`. The lock class key is
         // static and the lock was just initialised by `dma_fence_init64()`, before any use.
-        // INVARIANT: The names come from `&'static CStr`s.
+        // INVARIANT: The names come from `&'static CStr`s held by `self.owner` or vmlinux, and the
+        // fence holds the reference on `self.owner` just taken.
         unsafe {
             ptr::addr_of_mut!((*raw).driver_name).write(self.driver_name.as_char_ptr());
             ptr::addr_of_mut!((*raw).timeline_name).write(self.timeline_name.as_char_ptr());
+            ptr::addr_of_mut!((*raw).owner).write(self.owner);
             ptr::addr_of_mut!((*raw).level).write(self.level);
             bindings::dma_fence_init64(fence, &FENCE_OPS, ptr::null_mut(), self.context, seqno);
             bindings::dma_fence_set_lock_class(
@@ -607,6 +672,119 @@ impl FenceContext {
                 ARef::from_raw(NonNull::new_unchecked(fence.cast()))
             }),
         }
+    }
+}
+
+/// A timeline whose fences have a nesting level of at least 1: the fences a [`ProxyFence`]
+/// drives.
+///
+/// A fence of level `n` may be signalled from the signalling path of fences of levels below `n`
+/// (as a [`ProxyFence`] is), and each level has its own lockdep class, as `dma_fence_array` and
+/// `dma_fence_chain` have for theirs.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::dma_fence::{NestedFenceContext, MAX_NESTING_LEVEL};
+///
+/// let done = NestedFenceContext::new(c"example", c"done", 1)?;
+/// assert_eq!(done.level(), 1);
+/// assert_eq!(NestedFenceContext::new(c"example", c"flat", 0).err(), Some(EINVAL));
+/// assert!(NestedFenceContext::new(c"example", c"deep", MAX_NESTING_LEVEL + 1).is_err());
+/// # Ok::<(), Error>(())
+/// ```
+///
+/// # Invariants
+///
+/// The level of `ctx` is between 1 and [`MAX_NESTING_LEVEL`].
+pub struct NestedFenceContext {
+    ctx: FenceContext,
+}
+
+impl NestedFenceContext {
+    /// Creates a new timeline whose fences have nesting level `level`.
+    ///
+    /// Fails with `EINVAL` if `level` is 0 (use [`FenceContext`]) or above
+    /// [`MAX_NESTING_LEVEL`].
+    pub fn new(
+        driver_name: &'static CStr,
+        timeline_name: &'static CStr,
+        level: u32,
+    ) -> Result<Self> {
+        if !(1..=MAX_NESTING_LEVEL).contains(&level) {
+            return Err(EINVAL);
+        }
+        // INVARIANT: `level` was just checked.
+        Ok(Self {
+            ctx: FenceContext::with_level(driver_name, timeline_name, level),
+        })
+    }
+
+    /// Returns the context number of the timeline.
+    #[inline]
+    pub fn context(&self) -> u64 {
+        self.ctx.context()
+    }
+
+    /// Returns the nesting level of the timeline's fences.
+    #[inline]
+    pub fn level(&self) -> u32 {
+        self.ctx.level()
+    }
+
+    /// Returns the sequence number of the last fence created, 0 if there was none.
+    #[inline]
+    pub fn last_seqno(&self) -> u64 {
+        self.ctx.last_seqno()
+    }
+
+    /// Allocates and initialises a new unsignalled fence on this timeline.
+    pub fn new_fence(&self, flags: Flags) -> Result<NestedFence> {
+        Ok(self.init_fence(FenceAllocation::new(flags)?))
+    }
+
+    /// Initialises a new unsignalled fence on this timeline in preallocated memory.
+    ///
+    /// Does not allocate and cannot fail. The fence gets the next sequence number.
+    pub fn init_fence(&self, alloc: FenceAllocation) -> NestedFence {
+        // INVARIANT: By the type invariants the level of `self.ctx` is at least 1.
+        NestedFence(self.ctx.init_fence(alloc))
+    }
+}
+
+/// The producer's handle on an unsignalled fence of a [`NestedFenceContext`].
+///
+/// A [`UniqueFence`] whose nesting level is at least 1, which is what a [`ProxyFence`] needs.
+///
+/// # Invariants
+///
+/// The fence of the [`UniqueFence`] has a nesting level of at least 1.
+pub struct NestedFence(UniqueFence);
+
+impl NestedFence {
+    /// Signals the fence: see [`UniqueFence::signal`].
+    pub fn signal(self, result: Result) {
+        self.0.signal(result)
+    }
+
+    /// Returns a new consumer handle on the fence.
+    #[inline]
+    pub fn to_aref(&self) -> ARef<DmaFence> {
+        self.0.to_aref()
+    }
+
+    /// Returns the producer's handle, forgetting the level guarantee.
+    pub fn into_unique(self) -> UniqueFence {
+        self.0
+    }
+}
+
+impl core::ops::Deref for NestedFence {
+    type Target = DmaFence;
+
+    #[inline]
+    fn deref(&self) -> &DmaFence {
+        &self.0
     }
 }
 
@@ -730,11 +908,12 @@ mod private {
 /// This trait is sealed: the kinds are the ones of this module, audited for running in atomic
 /// context with the fence lock held. Drivers pick one; they cannot implement their own.
 pub trait CallbackKind: private::Sealed + Send + Sync {
-    /// Performs the action. Called at most once per arming, in atomic (possibly hardirq) context
-    /// with the fence lock held, or in the context of [`FenceCallback::arm`] if the fence had
-    /// signalled already. Must not sleep, allocate, or drop anything.
+    /// Performs the action for a fence that signalled with `result`. Called at most once per
+    /// arming, in atomic (possibly hardirq) context with the fence lock held, or in the context of
+    /// [`FenceCallback::arm`] if the fence had signalled already. Must not sleep, allocate, or
+    /// drop anything.
     #[doc(hidden)]
-    fn signalled(&self, fence: &DmaFence, token: private::Token);
+    fn signalled(&self, result: Result, token: private::Token);
 }
 
 /// Whether [`FenceCallback::arm`] left the callback waiting or ran it at once.
@@ -746,6 +925,97 @@ pub enum Armed {
     RanNow,
 }
 
+/// Returns the module whose memory holds `addr`, or null for vmlinux. Takes no reference.
+fn module_of(addr: *const c_void) -> *mut bindings::module {
+    // SAFETY: The helper only looks the address up, under RCU, and never dereferences it.
+    unsafe { bindings::dma_fence_module_of(addr) }
+}
+
+/// Takes a reference on `owner` unless it is null (vmlinux).
+///
+/// # Safety
+///
+/// `owner` must be null or a module that is not freed during the call.
+unsafe fn module_get(owner: *mut bindings::module) {
+    // SAFETY: The caller guarantees that `owner` is null or a live module. `__module_get()` works
+    // in any context and in every module state.
+    unsafe { bindings::dma_fence_module_get(owner) }
+}
+
+/// Drops a reference taken with [`module_get`]. `module_put()` is allowed in any context.
+///
+/// # Safety
+///
+/// `owner` must be null or a module on which the caller owns a reference, which it gives up.
+unsafe fn module_put(owner: *mut bindings::module) {
+    // SAFETY: `module_put()` accepts null; otherwise the caller owns a reference on `owner`.
+    unsafe { bindings::dma_fence_module_put(owner) }
+}
+
+/// The part of a [`FenceCallback`] that the C side and [`fence_callback`] use.
+///
+/// It is the first field of the `repr(C)` [`FenceCallback`], so a pointer to it, derived from a
+/// pointer to the whole callback, is also a pointer to the callback.
+#[repr(C)]
+struct CallbackHeader {
+    cb: bindings::dma_fence_cb,
+    /// `FenceCallback::<K>::run` of the callback this header starts.
+    run: unsafe fn(*const CallbackHeader, Result),
+    /// The module whose text holds `run`, or null for vmlinux: it stays loaded while the callback
+    /// is linked into a fence.
+    owner: *mut bindings::module,
+}
+
+/// The function every [`FenceCallback`] registers with the C side.
+///
+/// It lives in vmlinux: a callback left armed on a fence (leaked, for example) never makes the
+/// C side call into the text of an unloaded module, because the module of the kind's code is
+/// pinned while the callback is linked, and the reference is dropped here, after that code
+/// returned.
+///
+/// # Safety
+///
+/// Called by `dma_fence_signal_timestamp_locked()` with the fence lock held, for a `cb` that
+/// [`FenceCallback::arm`] linked into `fence`: the `cb` of a [`CallbackHeader`], reached through a
+/// pointer derived from its whole [`FenceCallback`], which stays valid while it is linked.
+unsafe extern "C" fn fence_callback(fence: *mut bindings::dma_fence, cb: *mut bindings::dma_fence_cb) {
+    // CAST: `cb` is the first field of the `repr(C)` `CallbackHeader`.
+    let header = cb.cast::<CallbackHeader>();
+    // SAFETY: By the safety requirements `header` points to a valid `CallbackHeader`; `arm` wrote
+    // `run` and `owner` before it linked `cb` under the fence lock, which this runs under.
+    let (run, owner) = unsafe { ((*header).run, (*header).owner) };
+    // SAFETY: The fence is valid and has signalled: the signaller wrote `error` before it set the
+    // signalled bit, on this thread, under the fence lock that is still held, and nobody writes it
+    // afterwards. The read is therefore ordered after the write and races with no writer.
+    let result = error_to_result(unsafe { (*fence).error });
+    // SAFETY: `run` belongs to the callback `header` starts, by the invariants of `FenceCallback`,
+    // and the callback stays valid until it returns: its owner can only free it after
+    // `dma_fence_remove_callback()`, which waits for the fence lock.
+    unsafe { run(header, result) };
+    // SAFETY: `arm` took a reference on `owner` for this linking of `cb`, which ends here: `cb`
+    // was unlinked by the C side before it called us.
+    unsafe { module_put(owner) };
+}
+
+/// Returns the result of a fence that has signalled.
+///
+/// The error is read under the fence lock: a lock-free check of the signalled bit (as in
+/// `dma_fence_add_callback()`) is not ordered before a plain read of the error on weakly
+/// ordered CPUs, but the signaller sets both inside the lock.
+fn signalled_result(fence: &DmaFence) -> Result {
+    let raw = fence.as_raw();
+    // SAFETY: By the type invariants the fence is valid. Taking its lock orders this read after
+    // the signaller's write of `error`, which happened before it released the lock; a signalled
+    // fence's error is never written again.
+    let error = unsafe {
+        let flags = bindings::dma_fence_lock_irqsave(raw);
+        let error = (*raw).error;
+        bindings::dma_fence_unlock_irqrestore(raw, flags);
+        error
+    };
+    error_to_result(error)
+}
+
 /// A callback of kind `K` that can be armed on a fence.
 ///
 /// It owns the `struct dma_fence_cb` the C side links into the fence, a reference to the fence it
@@ -754,11 +1024,23 @@ pub enum Armed {
 /// disarming it removes it from the fence (`dma_fence_remove_callback()`); the payload is dropped
 /// with the [`FenceCallback`], never in the callback.
 ///
+/// While it is armed, the module whose code runs the action cannot be unloaded: a callback that
+/// is leaked armed (with [`core::mem::forget`] or a reference cycle) keeps that module in memory
+/// instead of leaving the fence a pointer into freed text.
+///
 /// # Invariants
 ///
-/// If `fence` is `Some`, `cb` was passed to `dma_fence_add_callback()` for that fence, and is
-/// either still linked in its callback list or has been unlinked by the C side (signalled, or
-/// never added because the fence had signalled).
+/// - `header` was initialised by [`FenceCallback::new`]: its `run` is `Self::run` and its `owner`
+///   the module whose text holds it (null for vmlinux).
+/// - `kind` is initialised and only ever accessed through shared references until the callback is
+///   dropped. The C side and [`fence_callback`] only access `header` and `kind`, both of which are
+///   in [`Opaque`] (an `UnsafeCell` that is `!Unpin`): a `&mut FenceCallback` held by the owner
+///   while the action runs on another CPU does not claim exclusive access to them.
+/// - If `fence` is `Some`, `header.cb` was passed to `dma_fence_add_callback()` for that fence
+///   through a pointer derived from the whole callback, and is either still linked in its callback
+///   list, with a reference on `owner` taken for it, or has been unlinked by the C side (the
+///   fence signalled and [`fence_callback`] ran or runs, or it was never added because the fence
+///   had signalled).
 ///
 /// # Examples
 ///
@@ -785,17 +1067,18 @@ pub enum Armed {
 /// # Ok::<(), Error>(())
 /// ```
 #[pin_data(PinnedDrop)]
+#[repr(C)]
 pub struct FenceCallback<K> {
     #[pin]
-    cb: Opaque<bindings::dma_fence_cb>,
+    header: Opaque<CallbackHeader>,
     fence: Option<ARef<DmaFence>>,
-    kind: K,
     #[pin]
-    _pin: PhantomPinned,
+    kind: Opaque<K>,
 }
 
 // SAFETY: The `struct dma_fence_cb` is only touched by the C side under the fence lock and by
-// `arm`/`disarm`, which need exclusive access; the payload is `Send`.
+// `arm`/`disarm`, which need exclusive access; the module pointer is only passed to the module
+// reference functions, which work from any thread; the payload is `Send`.
 unsafe impl<K: Send> Send for FenceCallback<K> {}
 // SAFETY: Shared references only give access to the fence (`Sync`) and to the payload, which is
 // `Sync` as every `CallbackKind` is.
@@ -805,7 +1088,9 @@ impl<K> FenceCallback<K> {
     /// Returns the callback's action and payload.
     #[inline]
     pub fn kind(&self) -> &K {
-        &self.kind
+        // SAFETY: By the type invariants `kind` is initialised and only accessed through shared
+        // references while `self` exists.
+        unsafe { &*self.kind.get() }
     }
 
     /// Returns the fence the callback is armed on, if any.
@@ -814,31 +1099,77 @@ impl<K> FenceCallback<K> {
         self.fence.as_deref()
     }
 
+    /// Returns a pointer to the header of the callback `this` points to, with the provenance of
+    /// `this`.
+    ///
+    /// # Safety
+    ///
+    /// `this` must point to a valid [`FenceCallback`].
+    #[inline]
+    unsafe fn raw_header(this: *const Self) -> *mut CallbackHeader {
+        // SAFETY: The caller guarantees that `this` is valid; no reference is created.
+        Opaque::cast_into(unsafe { ptr::addr_of!((*this).header) })
+    }
+
     /// Disarms the callback.
     ///
     /// Returns `true` if the callback was removed before its action ran, `false` if it was not
     /// armed or the action has run. When this returns, the action is not running on another CPU
     /// either.
     pub fn disarm(self: Pin<&mut Self>) -> bool {
-        let this = self.project();
-        let Some(fence) = this.fence.take() else {
+        // SAFETY: Nothing is moved out of the pinned callback; only a raw pointer is derived.
+        let this: *mut Self = unsafe { Pin::get_unchecked_mut(self) };
+        // SAFETY: `this` comes from a valid, pinned callback to which we have exclusive access.
+        unsafe { Self::disarm_raw(this) }
+    }
+
+    /// Removes the callback from its fence, before anything of it is borrowed.
+    ///
+    /// # Safety
+    ///
+    /// `this` must point to a valid, pinned [`FenceCallback`] to which the caller has exclusive
+    /// access, apart from the C side and [`fence_callback`].
+    unsafe fn disarm_raw(this: *mut Self) -> bool {
+        // SAFETY: `fence` is only accessed by the owner, who has exclusive access; the C side and
+        // `fence_callback` never touch it.
+        let slot = unsafe { &mut *ptr::addr_of_mut!((*this).fence) };
+        let Some(fence) = slot.take() else {
             return false;
         };
-        // SAFETY: By the type invariants `cb` was passed to `dma_fence_add_callback()` for
-        // `fence`, which is valid. The C side takes the fence lock, so a callback running on
-        // another CPU has returned once this returns.
-        unsafe { bindings::dma_fence_remove_callback(fence.as_raw(), this.cb.get()) }
+        // SAFETY: `this` is valid.
+        let header = unsafe { Self::raw_header(this) };
+        // SAFETY: By the type invariants `cb` was passed to `dma_fence_add_callback()` for `fence`,
+        // which is valid, through a pointer with the provenance of the whole callback, as `header`
+        // has. The C side takes the fence lock, so an action running on another CPU has returned
+        // once this returns.
+        let removed = unsafe { bindings::dma_fence_remove_callback(fence.as_raw(), header.cast()) };
+        if removed {
+            // SAFETY: `cb` was still linked, so by the type invariants a reference on `owner` was
+            // taken for it; nothing will call `fence_callback` for it any more.
+            unsafe { module_put((*header).owner) };
+        }
+        removed
     }
 }
 
 impl<K: CallbackKind> FenceCallback<K> {
     /// Creates an unarmed callback that will perform `kind`.
     pub fn new(kind: K) -> impl PinInit<Self> {
+        let run: unsafe fn(*const CallbackHeader, Result) = Self::run;
+        let owner = module_of(run as *const c_void);
+        // INVARIANT: `run` is `Self::run` and `owner` the module that holds its text; `kind` is
+        // initialised.
         pin_init!(Self {
-            cb: Opaque::uninit(),
+            header <- Opaque::ffi_init(move |slot: *mut CallbackHeader| {
+                // SAFETY: `slot` is valid for writes. `cb` is left uninitialised until `arm`
+                // links it; `run` and `owner` are written here and never change.
+                unsafe {
+                    ptr::addr_of_mut!((*slot).run).write(run);
+                    ptr::addr_of_mut!((*slot).owner).write(owner);
+                }
+            }),
             fence: None,
-            kind,
-            _pin: PhantomPinned,
+            kind: Opaque::new(kind),
         })
     }
 
@@ -846,62 +1177,86 @@ impl<K: CallbackKind> FenceCallback<K> {
     ///
     /// If the fence has signalled already, the action runs at once, in the caller's context, and
     /// [`Armed::RanNow`] is returned. Otherwise it runs when the fence signals.
-    pub fn arm(mut self: Pin<&mut Self>, fence: ARef<DmaFence>) -> Armed {
-        self.as_mut().disarm();
-        let this = self.project();
+    pub fn arm(self: Pin<&mut Self>, fence: ARef<DmaFence>) -> Armed {
+        // SAFETY: Nothing is moved out of the pinned callback; only a raw pointer is derived, so
+        // that every pointer handed to the C side has the provenance of the whole callback.
+        let this: *mut Self = unsafe { Pin::get_unchecked_mut(self) };
+        // SAFETY: `this` comes from a valid, pinned callback to which we have exclusive access.
+        unsafe { Self::disarm_raw(this) };
+        // SAFETY: `this` is valid.
+        let header = unsafe { Self::raw_header(this) };
+        // SAFETY: `owner` was written by `new` and never changes.
+        let owner = unsafe { (*header).owner };
         let raw_fence = fence.as_raw();
-        let cb = this.cb.get();
-        *this.fence = Some(fence);
-        // SAFETY: The fence is valid and referenced by `this.fence` while the callback may be
-        // linked. `cb` is pinned and stays valid until it is removed in `disarm`, which `drop`
-        // calls. `Self::callback` matches `cb`'s containing type.
-        let ret = unsafe { bindings::dma_fence_add_callback(raw_fence, cb, Some(Self::callback)) };
-        // INVARIANT: `cb` was passed to `dma_fence_add_callback()` for `this.fence`.
+        // SAFETY: The callback is disarmed, so only we access `fence`.
+        unsafe { *ptr::addr_of_mut!((*this).fence) = Some(fence) };
+        // SAFETY: `owner` holds the text of `Self::run`, which is running code of ours: it is
+        // loaded. The reference is for the linking below.
+        unsafe { module_get(owner) };
+        // SAFETY: The fence is valid and referenced by `(*this).fence` while the callback may be
+        // linked. `header` derives from the whole pinned callback, which stays valid until the
+        // callback is removed in `disarm_raw`, which `drop` calls; `cb` is its first field.
+        let ret =
+            unsafe { bindings::dma_fence_add_callback(raw_fence, header.cast(), Some(fence_callback)) };
+        // INVARIANT: `cb` was passed to `dma_fence_add_callback()` for `(*this).fence`, with a
+        // reference on `owner` if it is now linked.
         if ret == 0 {
-            Armed::Waiting
-        } else {
-            // `-ENOENT`: the fence had signalled and the callback was not added. (`-EINVAL` is
-            // only returned for a null fence or function.)
-            // SAFETY: The fence is valid for the duration of the call.
-            let fence = unsafe { DmaFence::from_raw(raw_fence) };
-            this.kind.signalled(fence, private::Token(()));
-            Armed::RanNow
+            return Armed::Waiting;
         }
+        // Not linked: the reference is not needed.
+        // SAFETY: We took it above and nothing else will drop it.
+        unsafe { module_put(owner) };
+        // SAFETY: `(*this).fence` holds a reference for the duration of the call.
+        let fence = unsafe { DmaFence::from_raw(raw_fence) };
+        let result = if ret == ENOENT.to_errno() {
+            signalled_result(fence)
+        } else {
+            // `dma_fence_add_callback()` only fails otherwise for a null fence or function,
+            // which it is never given. Run the action all the same, so that it happens.
+            crate::warn_on!(true);
+            Err(EINVAL)
+        };
+        // SAFETY: `this` is valid and the callback is not linked, so the action is not running
+        // anywhere else.
+        unsafe { Self::run(header, result) };
+        Armed::RanNow
     }
 
-    /// The function the C side calls when the fence signals.
+    /// Runs the action of the callback `header` starts.
     ///
     /// # Safety
     ///
-    /// Only called by the C side, for a `cb` added by [`FenceCallback::arm`] to `fence`.
-    unsafe extern "C" fn callback(
-        fence: *mut bindings::dma_fence,
-        cb: *mut bindings::dma_fence_cb,
-    ) {
-        // SAFETY: `cb` is the `cb` field of a `FenceCallback<K>`, which stays valid and pinned
-        // while the callback is linked: it is only freed after `disarm` removed it or the callback
-        // ran, and `disarm` waits for the callback by taking the fence lock.
-        let this = unsafe { container_of!(Opaque::cast_from(cb), Self, cb) };
-        // SAFETY: `this` is valid as argued above; only a shared reference to `kind` is created,
-        // and no one mutates `kind` while the callback is armed.
-        let kind = unsafe { &*ptr::addr_of!((*this).kind) };
-        // SAFETY: The C side passes the fence being signalled, which it holds a reference on.
-        let fence = unsafe { DmaFence::from_raw(fence) };
-        kind.signalled(fence, private::Token(()));
+    /// `header` must be the header of a valid `FenceCallback<K>`, reached through a pointer derived
+    /// from the whole callback, and the action must not run for the current arming elsewhere.
+    unsafe fn run(header: *const CallbackHeader, result: Result) {
+        // CAST: `header` is the first field of the `repr(C)` `FenceCallback<K>`, and its pointer has
+        // the provenance of the whole callback.
+        let this = header.cast::<Self>();
+        // SAFETY: By the safety requirements `this` is valid; by the type invariants `kind` is
+        // initialised and only shared references to it exist.
+        let kind = unsafe { &*Opaque::cast_into(ptr::addr_of!((*this).kind)) };
+        kind.signalled(result, private::Token(()));
     }
 }
 
 #[pinned_drop]
 impl<K> PinnedDrop for FenceCallback<K> {
     fn drop(self: Pin<&mut Self>) {
-        self.disarm();
+        // SAFETY: Nothing is moved out of the pinned callback.
+        let this: *mut Self = unsafe { Pin::get_unchecked_mut(self) };
+        // SAFETY: `this` is valid, pinned and ours; the drop glue drops nothing of it before this.
+        unsafe { Self::disarm_raw(this) };
+        // SAFETY: The callback is not linked any more and the action is not running (see
+        // `disarm`), so nothing refers to `kind`; `Opaque` does not drop it, so it is dropped once,
+        // here, in the owner's context.
+        unsafe { ptr::drop_in_place(Opaque::cast_into(ptr::addr_of!((*this).kind))) };
     }
 }
 
 /// A [`CallbackKind`] that wakes a task up.
 ///
-/// The task must check the fence (or its own condition) after setting its state and before
-/// sleeping, as for any wake-up.
+/// The task must set its state before it checks the fence (or its own condition) and goes to
+/// sleep, as for any wake-up: a wake-up between the check and the sleep is lost otherwise.
 pub struct WakeTask {
     task: ARef<Task>,
 }
@@ -928,7 +1283,7 @@ impl WakeTask {
 impl private::Sealed for WakeTask {}
 
 impl CallbackKind for WakeTask {
-    fn signalled(&self, _fence: &DmaFence, _: private::Token) {
+    fn signalled(&self, _result: Result, _: private::Token) {
         // `wake_up_process()` takes the runqueue lock with interrupts disabled: fine in any
         // context. The task reference is only read.
         self.task.wake_up();
@@ -955,56 +1310,134 @@ impl CompleteCompletion {
 impl private::Sealed for CompleteCompletion {}
 
 impl CallbackKind for CompleteCompletion {
-    fn signalled(&self, _fence: &DmaFence, _: private::Token) {
+    fn signalled(&self, _result: Result, _: private::Token) {
         // `complete_all()` takes the completion's wait queue lock with interrupts disabled: fine
         // in any context. The `Arc` is only read.
         self.completion.complete_all();
     }
 }
 
-/// A workqueue that an [`EnqueueWork`] callback queues on.
-#[derive(Clone)]
-pub enum WorkQueueRef {
-    /// A workqueue that lives for ever, such as [`workqueue::system`](crate::workqueue::system).
-    Static(&'static Queue),
-    /// A workqueue owned by the user, kept alive by the callback.
-    Owned(Arc<OwnedQueue>),
-}
-
-impl WorkQueueRef {
-    /// Returns the workqueue.
-    pub fn queue(&self) -> &Queue {
-        match self {
-            Self::Static(queue) => queue,
-            Self::Owned(queue) => queue,
-        }
-    }
-}
-
-impl From<&'static Queue> for WorkQueueRef {
-    fn from(queue: &'static Queue) -> Self {
-        Self::Static(queue)
-    }
-}
-
-impl From<Arc<OwnedQueue>> for WorkQueueRef {
-    fn from(queue: Arc<OwnedQueue>) -> Self {
-        Self::Owned(queue)
-    }
-}
-
-/// A [`CallbackKind`] that enqueues a work item on a workqueue.
+/// A workqueue for work that fences depend on: the only kind [`EnqueueWork`] queues on.
 ///
-/// This is the kind to use for anything but the simplest actions: the work item runs in process
-/// context, where it may sleep and drop what it likes. If the work item is still pending when the
-/// fence signals, it is not queued a second time.
+/// Work that a fence signal waits for must make progress when memory is short: the queue has a
+/// rescuer thread (`WQ_MEM_RECLAIM`), as drm_sched's queues have, so it does not wait for the
+/// allocation of a worker that may wait for reclaim, which may wait for the fence. Its work
+/// runs in process context (never `WQ_BH`, whose work runs in softirq), where it may sleep.
+///
+/// # Invariants
+///
+/// `queue` was allocated with `WQ_MEM_RECLAIM` and without `WQ_BH`.
+pub struct FenceWorkqueue {
+    queue: OwnedQueue,
+}
+
+impl FenceWorkqueue {
+    /// Allocates an ordered workqueue for fence work, named `name`.
+    pub fn new_ordered(name: &CStr) -> Result<Self> {
+        // INVARIANT: `OwnedQueue::new_ordered()` allocates with `WQ_MEM_RECLAIM` and not `WQ_BH`.
+        Ok(Self {
+            queue: OwnedQueue::new_ordered(name)?,
+        })
+    }
+
+    /// Waits until every work item queued so far has finished running.
+    ///
+    /// Must not be called from a work item running on this queue.
+    pub fn flush(&self) {
+        self.queue.flush();
+    }
+}
+
+impl core::ops::Deref for FenceWorkqueue {
+    type Target = Queue;
+
+    fn deref(&self) -> &Queue {
+        &self.queue
+    }
+}
+
+/// A work item whose job is to signal fences: its `run` is a fence signalling critical section.
+///
+/// Implementing it implements [`WorkItem`] with an [`Arc`] pointer: the work item begins a
+/// [`SignallingSection`] and hands it to [`SignallingWorkItem::run`], so lockdep checks that
+/// nothing the work does waits for a fence or allocates in a way that can wait for reclaim.
+/// Queue it with [`EnqueueWork`] or on a [`FenceWorkqueue`].
 ///
 /// # Examples
 ///
 /// ```
-/// use kernel::dma_fence::{EnqueueWork, FenceCallback, FenceContext};
+/// use kernel::dma_fence::{
+///     EnqueueWork, FenceCallback, FenceContext, FenceWorkqueue, SignallingSection,
+///     SignallingWorkItem, UniqueFence,
+/// };
+/// use kernel::sync::{Arc, SpinLock};
+/// use kernel::workqueue::{impl_has_work, new_work, Work};
+/// use kernel::{new_spinlock, sync::aref::ARef};
+///
+/// /// Signals `out` once its input fence has signalled.
+/// #[pin_data]
+/// struct Relay {
+///     #[pin]
+///     work: Work<Relay>,
+///     #[pin]
+///     out: SpinLock<Option<UniqueFence>>,
+/// }
+///
+/// impl_has_work! {
+///     impl HasWork<Self> for Relay { self.work }
+/// }
+///
+/// impl SignallingWorkItem for Relay {
+///     fn run(this: Arc<Relay>, _section: &SignallingSection) {
+///         if let Some(fence) = this.out.lock().take() {
+///             fence.signal(Ok(()));
+///         }
+///     }
+/// }
+///
+/// let ctx = FenceContext::new(c"example", c"relay");
+/// let (input, out) = (ctx.new_fence(GFP_KERNEL)?, ctx.new_fence(GFP_KERNEL)?);
+/// let out_view = out.to_aref();
+/// let relay = Arc::pin_init(
+///     pin_init!(Relay { work <- new_work!("Relay::work"), out <- new_spinlock!(Some(out)) }),
+///     GFP_KERNEL,
+/// )?;
+/// let wq = Arc::new(FenceWorkqueue::new_ordered(c"example-relay")?, GFP_KERNEL)?;
+/// let mut cb = KBox::pin_init(FenceCallback::new(EnqueueWork::new(wq, relay)), GFP_KERNEL)?;
+/// cb.as_mut().arm(input.to_aref());
+/// input.signal(Ok(()));
+/// out_view.wait()?;
+/// # Ok::<(), Error>(())
+/// ```
+pub trait SignallingWorkItem<const ID: u64 = 0>: Sized {
+    /// Does the work, inside `section`.
+    fn run(this: Arc<Self>, section: &SignallingSection);
+}
+
+impl<T, const ID: u64> WorkItem<ID> for T
+where
+    T: SignallingWorkItem<ID> + HasWork<T, ID> + Send + Sync,
+{
+    type Pointer = Arc<T>;
+
+    fn run(this: Arc<T>) {
+        let section = SignallingSection::begin();
+        <T as SignallingWorkItem<ID>>::run(this, &section);
+    }
+}
+
+/// A [`CallbackKind`] that enqueues a work item on a [`FenceWorkqueue`].
+///
+/// This is the kind to use for anything but the simplest actions: the work item runs in process
+/// context, where it may sleep and drop what it likes (outside a [`SignallingSection`]). If the
+/// work item is still pending when the fence signals, it is not queued a second time.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::dma_fence::{EnqueueWork, FenceCallback, FenceContext, FenceWorkqueue};
 /// use kernel::sync::{Arc, Completion};
-/// use kernel::workqueue::{self, impl_has_work, new_work, Work, WorkItem};
+/// use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 ///
 /// #[pin_data]
 /// struct Retire {
@@ -1033,8 +1466,9 @@ impl From<Arc<OwnedQueue>> for WorkQueueRef {
 /// )?;
 /// let ctx = FenceContext::new(c"example", c"ring0");
 /// let fence = ctx.new_fence(GFP_KERNEL)?;
+/// let wq = Arc::new(FenceWorkqueue::new_ordered(c"example-retire")?, GFP_KERNEL)?;
 /// let mut cb = KBox::pin_init(
-///     FenceCallback::new(EnqueueWork::new(workqueue::system_dfl(), retire.clone())),
+///     FenceCallback::new(EnqueueWork::new(wq, retire.clone())),
 ///     GFP_KERNEL,
 /// )?;
 /// cb.as_mut().arm(fence.to_aref());
@@ -1043,7 +1477,7 @@ impl From<Arc<OwnedQueue>> for WorkQueueRef {
 /// # Ok::<(), Error>(())
 /// ```
 pub struct EnqueueWork<T, const ID: u64 = 0> {
-    queue: WorkQueueRef,
+    queue: Arc<FenceWorkqueue>,
     item: Arc<T>,
 }
 
@@ -1052,16 +1486,18 @@ where
     T: WorkItem<ID, Pointer = Arc<T>> + HasWork<T, ID> + Send + Sync + 'static,
 {
     /// Enqueues `item` on `queue` when the fence signals.
-    pub fn new(queue: impl Into<WorkQueueRef>, item: Arc<T>) -> Self {
-        Self {
-            queue: queue.into(),
-            item,
-        }
+    pub fn new(queue: Arc<FenceWorkqueue>, item: Arc<T>) -> Self {
+        Self { queue, item }
     }
 
     /// Returns the work item.
     pub fn item(&self) -> &Arc<T> {
         &self.item
+    }
+
+    /// Returns the workqueue.
+    pub fn queue(&self) -> &Arc<FenceWorkqueue> {
+        &self.queue
     }
 }
 
@@ -1074,12 +1510,12 @@ impl<T, const ID: u64> CallbackKind for EnqueueWork<T, ID>
 where
     T: WorkItem<ID, Pointer = Arc<T>> + HasWork<T, ID> + Send + Sync + 'static,
 {
-    fn signalled(&self, _fence: &DmaFence, _: private::Token) {
+    fn signalled(&self, _result: Result, _: private::Token) {
         // `queue_work_on()` can be called from any context. The clone only increments a
         // reference count. If the item is already pending, `enqueue` hands the clone back and it
         // is dropped here: that only decrements the count, never to zero, because `self.item`
         // holds a reference for as long as this callback exists.
-        let _ = self.queue.queue().enqueue(self.item.clone());
+        let _ = self.queue.enqueue(self.item.clone());
     }
 }
 
@@ -1087,6 +1523,10 @@ where
 ///
 /// Like [`EnqueueWork`], for drivers that run their work on a dedicated kernel thread (for
 /// example with a real-time priority).
+///
+/// # Invariants
+///
+/// `item` is bound to `worker`: queuing it there fails only while it is pending.
 pub struct QueueKthreadWork<T, const ID: u64 = 0> {
     worker: Arc<kthread::Worker>,
     item: Arc<T>,
@@ -1097,8 +1537,14 @@ where
     T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
 {
     /// Queues `item` on `worker` when the fence signals.
-    pub fn new(worker: Arc<kthread::Worker>, item: Arc<T>) -> Self {
-        Self { worker, item }
+    ///
+    /// Binds the work item to `worker` now, so that the fence's signal cannot fail to queue it.
+    /// Fails with `EINVAL` if the work item is bound to another worker: it was queued there, or
+    /// another `QueueKthreadWork` bound it.
+    pub fn new(worker: Arc<kthread::Worker>, item: Arc<T>) -> Result<Self> {
+        worker.bind(&item)?;
+        // INVARIANT: `item` was just bound to `worker`, for good.
+        Ok(Self { worker, item })
     }
 
     /// Returns the work item.
@@ -1116,10 +1562,11 @@ impl<T, const ID: u64> CallbackKind for QueueKthreadWork<T, ID>
 where
     T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
 {
-    fn signalled(&self, _fence: &DmaFence, _: private::Token) {
+    fn signalled(&self, _result: Result, _: private::Token) {
         // `kthread_queue_work()` takes the worker's raw spinlock with interrupts disabled: fine in
-        // any context. As in `EnqueueWork`, a clone handed back because the item is pending never
-        // drops the last reference, which `self.item` holds.
+        // any context. By the type invariants the item is bound to this worker, so queuing fails
+        // only if it is pending already, which runs it all the same; the clone handed back then
+        // never drops the last reference, which `self.item` holds.
         let _ = self.worker.queue::<T, ID>(self.item.clone());
     }
 }
@@ -1128,14 +1575,14 @@ where
 ///
 /// # Invariants
 ///
-/// `target` is only accessed by the callback (at most once per arming, serialised with
+/// `target` is only accessed by the action (at most once per arming, serialised with
 /// [`FenceCallback::disarm`] by the source's lock), by [`FenceCallback::arm`] when it runs the
 /// action at once, or by the owner of the [`ProxyFence`] after disarming it.
 struct SignalProxy {
-    target: UnsafeCell<Option<UniqueFence>>,
+    target: UnsafeCell<Option<NestedFence>>,
 }
 
-// SAFETY: `UniqueFence` is `Send`; see below for the shared access.
+// SAFETY: `NestedFence` is `Send`; see below for the shared access.
 unsafe impl Send for SignalProxy {}
 // SAFETY: By the type invariants the accesses to `target` never overlap.
 unsafe impl Sync for SignalProxy {}
@@ -1143,36 +1590,49 @@ unsafe impl Sync for SignalProxy {}
 impl private::Sealed for SignalProxy {}
 
 impl CallbackKind for SignalProxy {
-    fn signalled(&self, source: &DmaFence, _: private::Token) {
+    fn signalled(&self, result: Result, _: private::Token) {
         // SAFETY: By the type invariants nothing else accesses `target` now.
         let target = unsafe { &mut *self.target.get() };
         if let Some(fence) = target.take() {
-            // SAFETY: The source is valid and signalled, so its error is final.
-            let error = unsafe { (*source.as_raw()).error };
             // Signalling takes the target's lock, of a higher lockdep class than the source's, and
             // runs its callbacks, which are kinds of this module. Dropping `fence` only puts a
             // reference: the proxy keeps another one.
-            fence.signal(error_to_result(error));
+            fence.signal(result);
         }
     }
 }
 
 /// A fence that signals when another fence does, with the same result.
 ///
-/// It owns its fence (a [`UniqueFence`] of a nesting level above its source's) and a callback
-/// that signals it from the signalling path of the source: the proxy's consumers see it signal
-/// with no deferral. Its fence can be shared before the source is known, which is what a job
-/// queue's done fence needs: it exists at submission, the hardware fence only when the job runs.
+/// It owns its fence (a [`NestedFence`], whose nesting level is above its source's) and a
+/// callback that signals it from the signalling path of the source: the proxy's consumers see it
+/// signal with no deferral. Its fence can be shared before the source is known, which is what a
+/// job queue's done fence needs: it exists at submission, the hardware fence only when the job
+/// runs.
 ///
 /// If the proxy is dropped while its fence is unsignalled, the fence signals `-ECANCELED`.
+///
+/// # Sources and their nesting levels
+///
+/// The proxy signals inside the source's lock, so lockdep must see the proxy's lock as nested
+/// in the source's: the proxy's level must be above the source's. A fence of this module has the
+/// level of its context. A fence made in C has no level that Rust can read: it counts as level
+/// 0, which is right for fences that are signalled outside any fence's signalling path (from an
+/// interrupt handler, a work item, a thread). A C fence that is signalled from a fence callback
+/// (drm_sched's finished fence is signalled from its hardware fence's callback) is one level
+/// above the fence whose callback signals it: follow it with [`ProxyFence::follow_nested`] and
+/// that level. Lockdep tells locks apart by class, not by fence, and the fences of a C producer
+/// share the class of its lock: declare one level for all fences of a producer. Declaring a level
+/// that is too low, or two levels for one producer, is what is left to the caller; lockdep then
+/// reports a possible recursive locking or a circular dependency.
 ///
 /// # Examples
 ///
 /// ```
-/// use kernel::dma_fence::{FenceContext, ProxyFence};
+/// use kernel::dma_fence::{FenceContext, NestedFenceContext, ProxyFence};
 ///
 /// let hw = FenceContext::new(c"example", c"hw-ring");
-/// let done = FenceContext::new_nested(c"example", c"done", 1)?;
+/// let done = NestedFenceContext::new(c"example", c"done", 1)?;
 ///
 /// let mut proxy = KBox::pin_init(ProxyFence::new(done.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
 /// let done_fence = proxy.fence().clone();
@@ -1186,8 +1646,8 @@ impl CallbackKind for SignalProxy {
 ///
 /// # Invariants
 ///
-/// `fence` is the fence of the [`UniqueFence`] the proxy was created with: the `base` of a
-/// `RawFence`.
+/// `fence` is the fence of the [`NestedFence`] the proxy was created with: the `base` of a
+/// `RawFence` whose level is at least 1.
 #[pin_data]
 pub struct ProxyFence {
     #[pin]
@@ -1197,9 +1657,10 @@ pub struct ProxyFence {
 
 impl ProxyFence {
     /// Creates a proxy that will drive `fence`.
-    pub fn new(fence: UniqueFence) -> impl PinInit<Self> {
+    pub fn new(fence: NestedFence) -> impl PinInit<Self> {
         let shared = fence.to_aref();
-        // INVARIANT: `shared` is the fence of `fence`.
+        // INVARIANT: `shared` is the fence of `fence`, of level at least 1 by the invariants of
+        // `NestedFence`.
         pin_init!(Self {
             callback <- FenceCallback::new(SignalProxy {
                 target: UnsafeCell::new(Some(fence)),
@@ -1224,11 +1685,20 @@ impl ProxyFence {
     /// Makes the proxy's fence signal when `source` does, with its result.
     ///
     /// If `source` has signalled already, the proxy's fence signals now. Replaces the previous
-    /// source, if any. Fails with `EINVAL`, leaving the proxy unchanged, if `source` is a fence of
-    /// this module whose nesting level is not below the proxy's: signalling the proxy inside the
-    /// source's lock would then be lock recursion.
+    /// source, if any. Fails with `EINVAL`, leaving the proxy unchanged, if the nesting level of
+    /// `source` is not below the proxy's: signalling the proxy inside the source's lock would then
+    /// be lock recursion. A C fence counts as level 0 (see the [type documentation](Self)).
     pub fn follow(self: Pin<&mut Self>, source: ARef<DmaFence>) -> Result {
-        if source.nesting_level() >= self.level() {
+        self.follow_nested(source, 0)
+    }
+
+    /// Like [`ProxyFence::follow`], for a source whose nesting level is at least `level`.
+    ///
+    /// For a C fence, `level` is the level the caller declares for it: one above the fences
+    /// whose callbacks signal it. For a fence of this module the higher of its own level and
+    /// `level` counts.
+    pub fn follow_nested(self: Pin<&mut Self>, source: ARef<DmaFence>, level: u32) -> Result {
+        if source.nesting_level().max(level) >= self.level() {
             return Err(EINVAL);
         }
         self.project().callback.arm(source);
@@ -1474,13 +1944,20 @@ mod tests {
         assert_eq!(cb.as_mut().arm(view.clone()), Armed::Waiting);
         let (signaller, _timer) = IrqSignaller::start(fence, Ok(()), Delta::from_millis(50))?;
         let start = Instant::<Monotonic>::now();
-        while !view.is_signaled() {
+        loop {
+            // The state is set before the check: a wake-up after the check makes the sleep below
+            // return at once instead of being lost.
+            // SAFETY: Setting the current task's state has no requirements.
+            unsafe { bindings::set_current_state(bindings::TASK_UNINTERRUPTIBLE as c_int) };
+            if view.status().is_some() {
+                break;
+            }
             // A lost wake-up would sleep for the whole 10 s.
             // SAFETY: Sleeping is allowed in a test.
-            unsafe {
-                bindings::schedule_timeout_uninterruptible(msecs_to_jiffies(10_000) as c_long)
-            };
+            unsafe { bindings::schedule_timeout(msecs_to_jiffies(10_000) as c_long) };
         }
+        // SAFETY: As above.
+        unsafe { bindings::set_current_state(bindings::TASK_RUNNING as c_int) };
         assert!(start.elapsed() < Delta::from_secs(5));
         assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
         Ok(())
@@ -1505,21 +1982,18 @@ mod tests {
 
     #[test]
     fn enqueue_work_from_irq() -> Result {
-        let owned = Arc::new(OwnedQueue::new_ordered(c"rust_dma_fence_test")?, GFP_KERNEL)?;
-        for queue in [WorkQueueRef::from(workqueue::system_dfl()), owned.into()] {
-            let counter = Counter::new()?;
-            let fence = ctx().new_fence(GFP_KERNEL)?;
-            let mut cb = KBox::pin_init(
-                FenceCallback::new(EnqueueWork::new(queue, counter.clone())),
-                GFP_KERNEL,
-            )?;
-            assert_eq!(cb.as_mut().arm(fence.to_aref()), Armed::Waiting);
-            let (signaller, _timer) = IrqSignaller::start(fence, Ok(()), Delta::from_millis(2))?;
-            counter.ran.wait_for_completion();
-            counter.work.flush();
-            assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
-            assert_eq!(counter.runs.load(ordering::Relaxed), 1);
-        }
+        let counter = Counter::new()?;
+        let fence = ctx().new_fence(GFP_KERNEL)?;
+        let mut cb = KBox::pin_init(
+            FenceCallback::new(EnqueueWork::new(fence_wq()?, counter.clone())),
+            GFP_KERNEL,
+        )?;
+        assert_eq!(cb.as_mut().arm(fence.to_aref()), Armed::Waiting);
+        let (signaller, _timer) = IrqSignaller::start(fence, Ok(()), Delta::from_millis(2))?;
+        counter.ran.wait_for_completion();
+        counter.work.flush();
+        assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
+        assert_eq!(counter.runs.load(ordering::Relaxed), 1);
         Ok(())
     }
 
@@ -1529,7 +2003,7 @@ mod tests {
         let counter = Counter::new()?;
         let fence = ctx().new_fence(GFP_KERNEL)?;
         let mut cb = KBox::pin_init(
-            FenceCallback::new(QueueKthreadWork::new(worker.clone(), counter.clone())),
+            FenceCallback::new(QueueKthreadWork::new(worker.clone(), counter.clone())?),
             GFP_KERNEL,
         )?;
         assert_eq!(cb.as_mut().arm(fence.to_aref()), Armed::Waiting);
@@ -1557,7 +2031,7 @@ mod tests {
 
         let counter = Counter::new()?;
         let mut cb = KBox::pin_init(
-            FenceCallback::new(EnqueueWork::new(workqueue::system_dfl(), counter.clone())),
+            FenceCallback::new(EnqueueWork::new(fence_wq()?, counter.clone())),
             GFP_KERNEL,
         )?;
         assert_eq!(cb.as_mut().arm(view.clone()), Armed::RanNow);
@@ -1611,7 +2085,7 @@ mod tests {
         let ctx = ctx();
         let counter = Counter::new()?;
         let mut cb = KBox::pin_init(
-            FenceCallback::new(EnqueueWork::new(workqueue::system_dfl(), counter.clone())),
+            FenceCallback::new(EnqueueWork::new(fence_wq()?, counter.clone())),
             GFP_KERNEL,
         )?;
         let remote = Arc::pin_init(
@@ -1679,8 +2153,13 @@ mod tests {
         Ok(())
     }
 
-    fn nested(level: u32) -> Result<FenceContext> {
-        FenceContext::new_nested(c"rust_dma_fence_test", c"nested", level)
+    fn nested(level: u32) -> Result<NestedFenceContext> {
+        NestedFenceContext::new(c"rust_dma_fence_test", c"nested", level)
+    }
+
+    /// A workqueue for the tests' fence work.
+    fn fence_wq() -> Result<Arc<FenceWorkqueue>> {
+        Ok(Arc::new(FenceWorkqueue::new_ordered(c"rust_dma_fence_test")?, GFP_KERNEL)?)
     }
 
     #[test]
@@ -1722,6 +2201,7 @@ mod tests {
         let same = level1.new_fence(GFP_KERNEL)?;
         assert_eq!(proxy.as_mut().follow(same.to_aref()), Err(EINVAL));
         assert_eq!(nested(MAX_NESTING_LEVEL + 1).err(), Some(EINVAL));
+        assert_eq!(nested(0).err(), Some(EINVAL));
 
         // Signalled by its owner while following a pending source.
         let source = ctx().new_fence(GFP_KERNEL)?;
@@ -1799,7 +2279,7 @@ mod tests {
         proxy.as_mut().follow(cf.clone())?;
         let counter = Counter::new()?;
         let mut cb = KBox::pin_init(
-            FenceCallback::new(EnqueueWork::new(workqueue::system_dfl(), counter.clone())),
+            FenceCallback::new(EnqueueWork::new(fence_wq()?, counter.clone())),
             GFP_KERNEL,
         )?;
         assert_eq!(cb.as_mut().arm(cf.clone()), Armed::Waiting);
@@ -1857,5 +2337,250 @@ mod tests {
         assert_eq!(error_to_result(-5), Err(EIO));
         assert_eq!(error_to_result(5), Err(EINVAL));
         assert_eq!(error_to_result(-100_000), Err(EINVAL));
+    }
+
+    /// Signals a fence with an error from a work item spinning on another CPU.
+    #[pin_data]
+    struct ErrorSignaller {
+        #[pin]
+        work: Work<ErrorSignaller>,
+        #[pin]
+        fence: SpinLockIrq<Option<UniqueFence>>,
+        started: Atomic<bool>,
+    }
+
+    impl_has_work! {
+        impl HasWork<Self> for ErrorSignaller { self.work }
+    }
+
+    impl WorkItem for ErrorSignaller {
+        type Pointer = Arc<ErrorSignaller>;
+
+        fn run(this: Arc<ErrorSignaller>) {
+            this.started.store(true, ordering::Release);
+            let taken = this.fence.lock().take();
+            if let Some(fence) = taken {
+                fence.signal(Err(EIO));
+            }
+        }
+    }
+
+    /// Issue 10, defect 1: a proxy that follows a source while the source signals an error on
+    /// another CPU must carry the error, whether `follow` found the source pending or signalled.
+    #[test]
+    fn proxy_follow_races_error_signal() -> Result {
+        const ITERATIONS: u32 = 2000;
+        let level1 = nested(1)?;
+        let signaller = Arc::pin_init(
+            pin_init!(ErrorSignaller {
+                work <- new_work!("dma_fence_test::ErrorSignaller"),
+                fence <- new_spinlock_irq!(None),
+                started: Atomic::new(false),
+            }),
+            GFP_KERNEL,
+        )?;
+        let (mut ran_now, mut waited) = (0, 0);
+        for i in 0..ITERATIONS {
+            let source = ctx().new_fence(GFP_KERNEL)?;
+            let view = source.to_aref();
+            let mut proxy = KBox::pin_init(ProxyFence::new(level1.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
+            *signaller.fence.lock() = Some(source);
+            signaller.started.store(false, ordering::Relaxed);
+            let _ = workqueue::system_dfl().enqueue(signaller.clone());
+            while !signaller.started.load(ordering::Acquire) {
+                crate::processor::cpu_relax();
+            }
+            crate::time::delay::udelay(Delta::from_nanos(i64::from(i % 16) * 100));
+            let pending = view.status().is_none();
+            proxy.as_mut().follow(view)?;
+            if pending {
+                waited += 1;
+            } else {
+                ran_now += 1;
+            }
+            signaller.work.flush();
+            assert_eq!(proxy.fence().status(), Some(Err(EIO)));
+        }
+        pr_info!("proxy_follow_races_error_signal: {ran_now} signalled first, {waited} pending\n");
+        Ok(())
+    }
+
+    /// Issue 10, defect 3: a kthread work item bound to one worker cannot be given to a fence
+    /// callback that queues it on another: the callback would silently do nothing.
+    #[test]
+    fn kthread_work_bound_to_other_worker() -> Result {
+        let first = Arc::new(kthread::Worker::new(c"rust_dma_fence_test_a")?, GFP_KERNEL)?;
+        let second = Arc::new(kthread::Worker::new(c"rust_dma_fence_test_b")?, GFP_KERNEL)?;
+        let counter = Counter::new()?;
+        first.queue(counter.clone()).map_err(|_| EBUSY)?;
+        first.flush();
+        assert_eq!(
+            QueueKthreadWork::new(second.clone(), counter.clone()).err(),
+            Some(EINVAL)
+        );
+        // Binding happens at creation: the item is then refused by other workers, and every
+        // callback that was created queues it when its fence signals.
+        let fresh = Counter::new()?;
+        let mut cb = KBox::pin_init(
+            FenceCallback::new(QueueKthreadWork::new(second.clone(), fresh.clone())?),
+            GFP_KERNEL,
+        )?;
+        assert_eq!(QueueKthreadWork::new(first, fresh.clone()).err(), Some(EINVAL));
+        assert_eq!(cb.as_mut().arm(DmaFence::stub()), Armed::RanNow);
+        fresh.ran.wait_for_completion();
+        second.flush();
+        assert_eq!(fresh.runs.load(ordering::Relaxed), 1);
+        Ok(())
+    }
+
+    /// A work item whose job is to signal, recording whether it ran inside a signalling section.
+    #[pin_data]
+    struct SectionProbe {
+        #[pin]
+        work: Work<SectionProbe>,
+        nested: Atomic<u32>,
+        #[pin]
+        ran: Completion,
+    }
+
+    impl_has_work! {
+        impl HasWork<Self> for SectionProbe { self.work }
+    }
+
+    impl SignallingWorkItem for SectionProbe {
+        fn run(this: Arc<SectionProbe>, _section: &SignallingSection) {
+            // The cookie of a section begun inside another one says so.
+            let inner = SignallingSection::begin();
+            this.nested.store(u32::from(inner.cookie) + 1, ordering::Relaxed);
+            drop(inner);
+            this.ran.complete_all();
+        }
+    }
+
+    /// Issue 10, defect 4: the work of a fence callback whose job is to signal runs inside a
+    /// signalling section without the driver having to remember it.
+    #[test]
+    fn signalling_work_runs_in_section() -> Result {
+        let probe = Arc::pin_init(
+            pin_init!(SectionProbe {
+                work <- new_work!("dma_fence_test::SectionProbe"),
+                nested: Atomic::new(0),
+                ran <- Completion::new(),
+            }),
+            GFP_KERNEL,
+        )?;
+        let fence = ctx().new_fence(GFP_KERNEL)?;
+        let mut cb = KBox::pin_init(
+            FenceCallback::new(EnqueueWork::new(fence_wq()?, probe.clone())),
+            GFP_KERNEL,
+        )?;
+        cb.as_mut().arm(fence.to_aref());
+        let (_signaller, _timer) = IrqSignaller::start(fence, Ok(()), Delta::from_millis(1))?;
+        probe.ran.wait_for_completion();
+        // 2: the probe's section was nested in the one the work item began.
+        assert_eq!(probe.nested.load(ordering::Relaxed), 2);
+        Ok(())
+    }
+
+    /// Signals the C fence in `data` from the callback of the fence it is armed on, as drm_sched
+    /// signals its finished fence from its hardware fence's callback.
+    #[repr(C)]
+    struct SignalCFence {
+        cb: bindings::dma_fence_cb,
+        target: *mut bindings::dma_fence,
+    }
+
+    /// # Safety
+    ///
+    /// `cb` is the `cb` of a live `SignalCFence` whose `target` is a valid fence.
+    unsafe extern "C" fn signal_c_fence(_fence: *mut bindings::dma_fence, cb: *mut bindings::dma_fence_cb) {
+        // SAFETY: `cb` is the first field of a `repr(C)` `SignalCFence`, valid by the safety
+        // requirements; `dma_fence_signal()` may be called from a fence callback.
+        unsafe { bindings::dma_fence_signal((*cb.cast::<SignalCFence>()).target) };
+    }
+
+    /// The lock class of the C producer of `c_fence_signalled_from_rust_callback`, whose fences
+    /// are signalled from the callbacks of level-1 fences.
+    static NESTED_C_PRODUCER: LockClassKey =
+        // SAFETY: The key is in static memory, which is pinned, and is never dropped.
+        unsafe { LockClassKey::new_static() };
+
+    /// Issue 10, defect 5: a C fence signalled from the callback of a level-1 Rust fence is
+    /// itself of level 2; a proxy that follows it must be above that, and lockdep stays quiet.
+    ///
+    /// Lockdep sees lock classes, not fences: all fences of a C producer share the class of its
+    /// lock, so they must all be declared at the same level. This producer has a class of its
+    /// own, as drm_sched's fences have (the class of the entity's fence lock).
+    #[test]
+    fn c_fence_signalled_from_rust_callback() -> Result {
+        // SAFETY: `dma_fence_context_alloc()` can be called from any context.
+        let context = unsafe { bindings::dma_fence_context_alloc(1) };
+        let c_fence = c_fence(context, 1)?;
+        // SAFETY: The fence is unused so far and its lock is not held; the key is static.
+        unsafe {
+            bindings::dma_fence_set_lock_class(
+                c_fence.as_raw(),
+                NESTED_C_PRODUCER.as_ptr(),
+                c"rust_dma_fence_test_c_producer".as_char_ptr(),
+            )
+        };
+        let hw = nested(1)?.new_fence(GFP_KERNEL)?;
+        let mut relay = KBox::new(
+            SignalCFence {
+                // SAFETY: An all-zero `dma_fence_cb` is valid: it is initialised when added.
+                cb: unsafe { core::mem::zeroed() },
+                target: c_fence.as_raw(),
+            },
+            GFP_KERNEL,
+        )?;
+        let relay_ptr: *mut SignalCFence = &mut *relay;
+        // SAFETY: `hw` is pending; `relay` outlives the callback, which runs when `hw` signals
+        // below, and `c_fence` is kept alive by its `ARef`. `cb` is the first field of the
+        // `repr(C)` `SignalCFence`, and its pointer has the provenance of the whole.
+        let ret = unsafe {
+            bindings::dma_fence_add_callback(hw.as_raw(), relay_ptr.cast(), Some(signal_c_fence))
+        };
+        assert_eq!(ret, 0);
+
+        // The C fence counts as level 0 unless declared: a level-2 proxy may not follow it when
+        // it is declared at level 2, a level-3 proxy may.
+        let mut low = KBox::pin_init(ProxyFence::new(nested(2)?.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
+        assert_eq!(low.as_mut().follow_nested(c_fence.clone(), 2), Err(EINVAL));
+        // A Rust fence keeps its own level when a lower one is declared.
+        let level2 = nested(2)?.new_fence(GFP_KERNEL)?;
+        assert_eq!(low.as_mut().follow_nested(level2.to_aref(), 0), Err(EINVAL));
+        level2.signal(Ok(()));
+        assert!(low.as_mut().signal(Ok(())));
+        let mut proxy =
+            KBox::pin_init(ProxyFence::new(nested(3)?.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
+        proxy.as_mut().follow_nested(c_fence.clone(), 2)?;
+        // rust_dma_fence_lock/1 -> the C fence's lock -> rust_dma_fence_lock/3: nesting.
+        let (signaller, _timer) = IrqSignaller::start(hw.into_unique(), Err(EIO), Delta::from_millis(1))?;
+        proxy.fence().wait()?;
+        assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
+        assert_eq!(c_fence.status(), Some(Ok(())));
+        assert_eq!(proxy.fence().status(), Some(Ok(())));
+        Ok(())
+    }
+
+    /// Issue 10, defect 7: a C producer's timestamp that is not a past `CLOCK_MONOTONIC` time
+    /// gives no `Instant`.
+    #[test]
+    fn timestamp_of_c_producer_checked() -> Result {
+        // SAFETY: `dma_fence_context_alloc()` can be called from any context.
+        let context = unsafe { bindings::dma_fence_context_alloc(1) };
+        let (negative, future, good) = (c_fence(context, 1)?, c_fence(context, 2)?, c_fence(context, 3)?);
+        assert!(good.timestamp().is_none());
+        // SAFETY: The fences are valid and pending.
+        unsafe {
+            bindings::dma_fence_signal_timestamp(negative.as_raw(), -1);
+            bindings::dma_fence_signal_timestamp(future.as_raw(), i64::MAX);
+            bindings::dma_fence_signal(good.as_raw());
+        }
+        assert!(negative.timestamp().is_none());
+        assert!(future.timestamp().is_none());
+        let stamp = good.timestamp().ok_or(EINVAL)?;
+        assert!(!(Instant::now() - stamp).is_negative());
+        Ok(())
     }
 }

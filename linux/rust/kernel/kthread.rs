@@ -289,6 +289,29 @@ impl Worker {
         }
     }
 
+    /// Binds `item` to this worker for good, without queuing it.
+    ///
+    /// Afterwards [`Worker::queue`] fails for `item` only while it is pending. This lets code
+    /// that queues the item later, where it cannot handle an error (a fence callback), check at
+    /// creation that the item is not bound to another worker.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` if the work item is bound to another worker.
+    pub fn bind<T, const ID: u64>(&self, item: &Arc<T>) -> Result
+    where
+        T: KthreadWorkItem<ID> + HasKthreadWork<T, ID>,
+    {
+        // SAFETY: `item` points at a valid `T`, which stays alive for the call.
+        let work = unsafe { T::raw_get_kthread_work(Arc::as_ptr(item).cast_mut()) };
+        // SAFETY: `work` points into the `T` that `item` holds a reference to.
+        if unsafe { (*work).bind(self.ptr.as_ptr()) } {
+            Ok(())
+        } else {
+            Err(EINVAL)
+        }
+    }
+
     /// Waits until every work item queued on this worker so far has run.
     ///
     /// Must be called from a context that may sleep, and not from a work item running on this

@@ -29,7 +29,7 @@
 use kernel::{
     dma_fence::{
         DmaFence,
-        WorkQueueRef, //
+        FenceWorkqueue, //
     },
     drm::jobqueue::Job,
     prelude::*,
@@ -42,8 +42,7 @@ use kernel::{
         Arc, //
     },
     time::Delta,
-    uapi,
-    workqueue::OwnedQueue, //
+    uapi, //
 };
 
 use crate::{
@@ -153,7 +152,7 @@ pub(crate) struct Group<H: QueueHw> {
     vm: H::Vm,
     // Dropped before `_wq`, which the job queues flush.
     queues: KVec<Queue<H>>,
-    _wq: WorkQueueRef,
+    _wq: Arc<FenceWorkqueue>,
 }
 
 impl<H: QueueHw> Group<H> {
@@ -169,7 +168,7 @@ impl<H: QueueHw> Group<H> {
         let state = GroupState::new()?;
         // One ordered workqueue serves the job queues of the group, as one drm_sched submit
         // workqueue serves Panthor's.
-        let wq: WorkQueueRef = Arc::new(OwnedQueue::new_ordered(c"tyr-group")?, GFP_KERNEL)?.into();
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"tyr-group")?, GFP_KERNEL)?;
         let mut list = KVec::new();
         for (config, hw) in queues {
             if list.len() == MAX_QUEUES {

@@ -60,9 +60,9 @@ use kernel::{
         DmaFence,
         FenceAllocation,
         FenceContext,
+        FenceWorkqueue,
         SignallingSection,
-        UniqueFence,
-        WorkQueueRef, //
+        UniqueFence, //
     },
     drm::jobqueue::{
         Backend,
@@ -469,7 +469,7 @@ impl<H: QueueHw> Queue<H> {
         config: QueueConfig,
         hw: H,
         timeout: Delta,
-        wq: WorkQueueRef,
+        wq: Arc<FenceWorkqueue>,
     ) -> Result<Self> {
         let ring = QueueRing::new(group, index, config, hw)?;
         let mut options =

@@ -225,12 +225,12 @@ pub struct QueueOptions {
     /// started on the hardware: when [`Backend::run`] handed it over, or when the job before it
     /// finished, whichever is later. [`None`] for no timeout.
     pub timeout: Option<Delta>,
-    /// The workqueue the queue's work runs on; by default an ordered `WQ_MEM_RECLAIM` queue of
-    /// its own. Any `WQ_MEM_RECLAIM` workqueue works, ordered or not, and several queues may
-    /// share one: the queue does not rely on any order between its work items.
-    pub workqueue: Option<crate::dma_fence::WorkQueueRef>,
+    /// The workqueue the queue's work runs on; by default an ordered
+    /// [`FenceWorkqueue`](crate::dma_fence::FenceWorkqueue) of its own. Several queues may share
+    /// one: the queue does not rely on any order between its work items.
+    pub workqueue: Option<crate::sync::Arc<crate::dma_fence::FenceWorkqueue>>,
     /// The nesting level of the done fences (see
-    /// [`FenceContext::new_nested`](crate::dma_fence::FenceContext::new_nested)): the hardware
+    /// [`NestedFenceContext`](crate::dma_fence::NestedFenceContext)): the hardware
     /// fences returned by [`Backend::run`] must be of a lower level. [`DONE_FENCE_LEVEL`] by
     /// default.
     pub done_fence_level: u32,

@@ -27,10 +27,10 @@ use crate::{
         DmaFence,
         EnqueueWork,
         FenceCallback,
-        FenceContext,
         ProxyFence,
         SignallingSection,
-        WorkQueueRef, //
+        FenceWorkqueue,
+        NestedFenceContext, //
     },
     impl_has_delayed_work,
     impl_has_work,
@@ -50,7 +50,6 @@ use crate::{
     },
     workqueue::{
         DelayedWork,
-        OwnedQueue,
         Work,
         WorkItem, //
     }, //
@@ -171,8 +170,8 @@ pub(super) struct Inner<T: Backend> {
     name: &'static CStr,
     pub(super) capacity: u32,
     timeout: Option<Delta>,
-    pub(super) fence_ctx: FenceContext,
-    wq: WorkQueueRef,
+    pub(super) fence_ctx: NestedFenceContext,
+    wq: Arc<FenceWorkqueue>,
     #[pin]
     proc: Mutex<Proc<T>>,
     #[pin]
@@ -402,11 +401,11 @@ impl<T: Backend> Proc<T> {
 
 impl<T: Backend> Inner<T> {
     fn kick_run(self: &Arc<Self>) {
-        let _ = self.wq.queue().enqueue::<Arc<Self>, RUN>(self.clone());
+        let _ = self.wq.enqueue::<Arc<Self>, RUN>(self.clone());
     }
 
     fn kick_retire(self: &Arc<Self>) {
-        let _ = self.wq.queue().enqueue::<Arc<Self>, RETIRE>(self.clone());
+        let _ = self.wq.enqueue::<Arc<Self>, RETIRE>(self.clone());
     }
 
     fn arm_timeout(self: &Arc<Self>, after: Delta) {
@@ -415,7 +414,6 @@ impl<T: Backend> Inner<T> {
         );
         let _ = self
             .wq
-            .queue()
             .enqueue_delayed::<Arc<Self>, TIMEOUT>(self.clone(), jiffies);
     }
 
@@ -724,17 +722,17 @@ pub struct JobQueue<T: Backend> {
 impl<T: Backend> JobQueue<T> {
     /// Creates a queue that runs its jobs through `backend`.
     ///
-    /// Fails with `EINVAL` for a capacity of 0 or a done fence level above
+    /// Fails with `EINVAL` for a capacity of 0 or a done fence level of 0 or above
     /// [`MAX_NESTING_LEVEL`](crate::dma_fence::MAX_NESTING_LEVEL), and with `ENOMEM`.
     pub fn new(backend: T, options: QueueOptions) -> Result<Self> {
         if options.capacity == 0 {
             return Err(EINVAL);
         }
         let fence_ctx =
-            FenceContext::new_nested(options.driver_name, options.name, options.done_fence_level)?;
+            NestedFenceContext::new(options.driver_name, options.name, options.done_fence_level)?;
         let wq = match options.workqueue {
             Some(wq) => wq,
-            None => Arc::new(OwnedQueue::new_ordered(options.name)?, GFP_KERNEL)?.into(),
+            None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
         let inner_wq = wq.clone();
         let inner = Arc::pin_init(
