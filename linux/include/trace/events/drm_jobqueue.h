@@ -102,7 +102,10 @@ DECLARE_EVENT_CLASS(drm_jobqueue_job_end,
 /*
  * A job retired: its done fence @fence has signalled, with its error (0 on
  * success). The fence, not its fields, is the argument, so that nothing is
- * read while the event is disabled.
+ * read while the event is disabled. The error is read with
+ * dma_fence_get_status(), under the fence lock: the fence may have been
+ * signalled on another CPU, and only the lock orders the read after the
+ * signaller's write.
  */
 TRACE_EVENT(drm_jobqueue_job_done,
 	    TP_PROTO(struct dma_fence *fence),
@@ -112,7 +115,7 @@ TRACE_EVENT(drm_jobqueue_job_done,
 			     __field(int, error)),
 	    TP_fast_assign(__entry->fence_context = fence->context;
 			   __entry->fence_seqno = fence->seqno;
-			   __entry->error = fence->error;),
+			   __entry->error = min(dma_fence_get_status(fence), 0);),
 	    TP_printk("fence=%llu:%llu error=%d",
 		      __entry->fence_context, __entry->fence_seqno, __entry->error)
 );
