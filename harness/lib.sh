@@ -131,7 +131,7 @@ kernel_version() {
 # `base`, then check the result out in $TREE. Only files whose content changed
 # are rewritten, so incremental builds stay incremental.
 assemble() {
-	local idx parent entry dir f blob tree msg commit listed
+	local idx parent entry dir f blob tree msg commit listed mail=
 	idx=$(mktemp)
 	listed=$(mktemp)
 	trap 'rm -f "$idx" "$listed"' RETURN
@@ -142,6 +142,12 @@ assemble() {
 		case "$entry" in ''|'#'*) continue ;; esac
 		dir=$REPO/patches/$entry
 		[ -f "$dir/message" ] || die "patches/$entry/message is missing"
+		# The entries of patches/local come last and are not mailed.
+		if grep -qx "$entry" "$REPO/patches/local"; then
+			: "${mail:=$parent}"
+		elif [ -n "$mail" ]; then
+			die "patches/series: $entry comes after an entry of patches/local"
+		fi
 		for f in "$dir"/*.diff; do
 			[ -e "$f" ] || continue
 			git -C "$TREE" apply --cached --whitespace=nowarn "$f" ||
@@ -176,6 +182,7 @@ assemble() {
 	fi
 	rm -f "$idx.have" "$idx.listed"
 	git -C "$TREE" update-ref refs/heads/series "$parent"
+	git -C "$TREE" update-ref refs/heads/mail "${mail:-$parent}"
 	git -C "$TREE" checkout -q -f --detach series
 	git -C "$TREE" clean -q -fdx
 }
