@@ -15,7 +15,9 @@ consistent record, field by field:
 - every submitted job has exactly one job_done, after a job_run or job_cancel,
   with the error of its job_cancel if it has one;
 - queue_stop and queue_start alternate per queue;
-- all eight events fired, and the ring buffer lost nothing.
+- all eight events fired, and the ring buffer lost nothing;
+- every dma_fence created during the run (dma_fence_init) signalled exactly
+  once (dma_fence_signaled), whatever its driver, Rust or C.
 
 check(lines) returns (problems, summary).
 """
@@ -40,6 +42,12 @@ EVENTS = {
                               r'resumed: (continue|resubmit|cancel)$'),
 }
 LINE = re.compile(r'\s(\d+\.\d+): drm_jobqueue_(\w+): (.*)$')
+# The dma_fence events the run also records: every fence created while the
+# kernel ran (Rust or C) must signal exactly once.
+FENCE_EVENT = re.compile(r'\s\d+\.\d+: dma_fence_(init|signaled): driver=(.*?) timeline=(.*?) '
+                         r'context=(\d+) seqno=(\d+)$')
+# Drivers of fences that a check leaks on purpose (harness/modules).
+LEAKED_ON_PURPOSE = {'fence_leak', 'callback_leak'}
 
 
 def decode(lines):
@@ -53,6 +61,37 @@ def decode(lines):
     if data is None:
         return None, stats
     return data.decode(errors='replace').splitlines(), stats
+
+
+def check_fences(trace, bad):
+    """Every fence created must signal exactly once. Returns the summary."""
+    created, signalled, untracked = {}, {}, 0
+    for line in trace:
+        m = FENCE_EVENT.search(line)
+        if not m:
+            continue
+        kind, driver, fence = m.group(1), m.group(2), (m.group(4), m.group(5))
+        if kind == 'init':
+            if fence in created and fence not in signalled:
+                bad(f'dma_fence {fence[0]}:{fence[1]} ({driver}) created twice')
+            created[fence] = driver
+            signalled.pop(fence, None)
+        elif fence not in created:
+            untracked += 1
+        elif fence in signalled:
+            bad(f'dma_fence {fence[0]}:{fence[1]} ({driver}) signalled twice')
+        else:
+            signalled[fence] = driver
+    drivers = {}
+    for fence, driver in created.items():
+        made, done = drivers.get(driver, (0, 0))
+        drivers[driver] = (made + 1, done + (fence in signalled))
+        if fence not in signalled and driver not in LEAKED_ON_PURPOSE:
+            bad(f'dma_fence {fence[0]}:{fence[1]} ({driver}) never signalled')
+    if not created:
+        bad('no dma_fence_init events (trace_event=dma_fence:...)')
+    return (f'{len(created)} fences created, {len(signalled)} signalled once, in '
+            f'{len({f[0] for f in created})} contexts of {len(drivers)} drivers')
 
 
 def check(log_lines):
@@ -144,9 +183,10 @@ def check(log_lines):
     for fence in queued:
         if fence not in done:
             bad(f'{fence} was submitted but has no job_done')
+    fences = check_fences(trace, bad)
     for kind, n in counts.items():
         if n == 0:
             bad(f'drm_jobqueue_{kind} never fired')
     summary = (f'{len(queued)} jobs traced, {sum(counts.values())} events '
-               f'(' + ', '.join(f'{k} {n}' for k, n in counts.items()) + ')')
+               f'(' + ', '.join(f'{k} {n}' for k, n in counts.items()) + '); ' + fences)
     return problems, summary

@@ -19,7 +19,8 @@ QEMU_ARCH = QemuArchParams(linux_arch='x86_64',
                            qemu_arch='x86_64',
                            kernel_path='arch/x86/boot/bzImage',
                            kernel_command_line='console=ttyS0 kunit_shutdown=none rdinit=/init panic=-1 '
-                                           'trace_event=drm_jobqueue:* trace_buf_size=32M '
+                                           'trace_event=drm_jobqueue:*,dma_fence:dma_fence_init,'
+                                           'dma_fence:dma_fence_signaled trace_buf_size=32M '
                                            'trace_clock=global',
                            extra_qemu_params=['-bios', 'qboot.rom', '-smp', '2', '-m', '2048',
                                               '-initrd', '/c/initramfs.cpio.gz'])
