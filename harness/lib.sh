@@ -186,3 +186,27 @@ assemble() {
 	git -C "$TREE" checkout -q -f --detach series
 	git -C "$TREE" clean -q -fdx
 }
+
+# probe_accel ROOT KERNEL: decides whether QEMU can use KVM for KERNEL (a path
+# under /c), and writes "kvm" or "tcg" to $CACHE/accel for the
+# qemu-system-x86_64 wrapper. /dev/kvm can exist and still hang every guest that
+# enters long mode (these machines' nested hypervisor; a real-mode boot sector
+# runs fine there), so the probe boots KERNEL itself with no root file system,
+# under a 15-second timeout: on a working KVM it prints its banner within a
+# second.
+probe_accel() {
+	local root=$1 kernel=$2 accel=tcg why="no usable /dev/kvm"
+	if [ -w /dev/kvm ]; then
+		inroot "$root" timeout 15 /usr/bin/qemu-system-x86_64 -accel kvm -nodefaults \
+			-nographic -no-reboot -m 512 -serial stdio -kernel "$kernel" \
+			-append 'console=ttyS0 panic=-1 kunit.enable=0 rdinit=/none root=/dev/none' \
+			> "$CACHE/kvm-probe.log" 2>&1 || true
+		if grep -q 'Linux version' "$CACHE/kvm-probe.log"; then
+			accel=kvm why="a kernel booted on /dev/kvm"
+		else
+			why="a kernel did not boot on /dev/kvm within 15 s"
+		fi
+	fi
+	echo "$accel" > "$CACHE/accel"
+	log "QEMU uses $accel ($why)"
+}
