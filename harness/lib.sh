@@ -19,10 +19,22 @@ rust-src bindgen clang lld llvm libclang-dev kmod cpio xz-utils rsync git
 rustfmt rust-clippy perl python3-ply python3-git qemu-system-x86 busybox-static
 ca-certificates"
 
-mkdir -p "$CACHE"
-
 log() { printf '[harness] %s\n' "$*" >&2; }
 die() { printf '[harness] error: %s\n' "$*" >&2; exit 1; }
+
+# The host requirements of README.md, each with a one-line error.
+[ "$(id -u)" = 0 ] ||
+	die "run as root: the build root is made with mmdebstrap and entered with unshare and chroot"
+command -v apt-get > /dev/null ||
+	die "a Debian or Ubuntu host is needed: apt-get installs mmdebstrap"
+mkdir -p "$CACHE"
+# A first run needs room for two build roots, the kernel tree and the build
+# directories; later runs only grow the builds.
+need_gib=4
+compgen -G "$CACHE/root-min-*" > /dev/null || need_gib=25
+free_kib=$(df -Pk "$CACHE" | awk 'NR == 2 { print $4 }')
+[ "$free_kib" -ge $((need_gib * 1024 * 1024)) ] ||
+	die "$CACHE needs $need_gib GiB free, has $((free_kib / 1024 / 1024)) GiB (or set JQ_CACHE)"
 
 # root_dir NAME EXTRA: path of the root made for NAME with EXTRA apt arguments.
 root_dir() {
@@ -43,7 +55,8 @@ ensure_root() {
 	fi
 	command -v mmdebstrap >/dev/null || {
 		log "installing mmdebstrap on the host"
-		apt-get update -qq >&2 && apt-get install -y -qq mmdebstrap >&2
+		{ apt-get update -qq && apt-get install -y -qq mmdebstrap; } > "$CACHE/host-apt.log" 2>&1 ||
+			die "apt-get could not install mmdebstrap on the host (see $CACHE/host-apt.log)"
 	}
 	log "creating build root $dir (about a minute)"
 	tmp="$dir.tmp"
@@ -54,7 +67,8 @@ ensure_root() {
 		${extra:+--customize-hook="$extra"} \
 		trixie "$tmp" \
 		"deb $MIRROR trixie main" \
-		"deb $MIRROR trixie-backports main" >&2
+		"deb $MIRROR trixie-backports main" > "$CACHE/root-$name.log" 2>&1 ||
+		die "could not make the build root from $MIRROR (network? see $CACHE/root-$name.log)"
 	touch "$tmp/.complete"
 	mv "$tmp" "$dir"
 	echo "$dir"
@@ -94,7 +108,8 @@ ensure_base() {
 	tmp=$CACHE/dl
 	rm -rf "$tmp"
 	mkdir -p "$tmp"
-	inroot "$root" /bin/sh -c "apt-get update -qq && cd /c/dl && apt-get download -qq $KPKG/trixie-backports" >&2
+	inroot "$root" /bin/sh -c "apt-get update -qq && cd /c/dl && apt-get download -qq $KPKG/trixie-backports" \
+		> "$CACHE/source.log" 2>&1 || die "could not download $KPKG (network? see $CACHE/source.log)"
 	deb=$(ls "$tmp"/"$KPKG"_*.deb)
 	ver=$(dpkg-deb -f "$deb" Version)
 	if [ -e "$TREE/.git/jq-base-complete" ] && [ "$(cat "$TREE/.git/jq-base-version")" = "$ver" ]; then
