@@ -32,7 +32,7 @@
 //! |---|---|
 //! | [`WakeTask`] | a task is woken up |
 //! | [`CompleteCompletion`] | a [`Completion`] is completed (`complete_all`) |
-//! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a [`FenceWorkqueue`], to work in process context |
+//! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a [`FenceWorkqueue`], for process context |
 //! | [`QueueKthreadWork`] | a [`KthreadWorkItem`] is queued on a [`kthread::Worker`] |
 //! | [`ProxyFence`] | another fence signals, with the same error |
 //!
@@ -99,7 +99,6 @@ use crate::{
         Flags, //
     },
     bindings,
-    container_of,
     kthread::{
         self,
         HasKthreadWork,
@@ -139,7 +138,6 @@ use crate::{
 };
 use core::{
     cell::UnsafeCell,
-    marker::PhantomPinned,
     mem::{
         ManuallyDrop,
         MaybeUninit, //
@@ -952,7 +950,7 @@ unsafe fn module_put(owner: *mut bindings::module) {
     unsafe { bindings::dma_fence_module_put(owner) }
 }
 
-/// The part of a [`FenceCallback`] that the C side and [`fence_callback`] use.
+/// The part of a [`FenceCallback`] that the C side and `fence_callback` use.
 ///
 /// It is the first field of the `repr(C)` [`FenceCallback`], so a pointer to it, derived from a
 /// pointer to the whole callback, is also a pointer to the callback.
@@ -978,7 +976,10 @@ struct CallbackHeader {
 /// Called by `dma_fence_signal_timestamp_locked()` with the fence lock held, for a `cb` that
 /// [`FenceCallback::arm`] linked into `fence`: the `cb` of a [`CallbackHeader`], reached through a
 /// pointer derived from its whole [`FenceCallback`], which stays valid while it is linked.
-unsafe extern "C" fn fence_callback(fence: *mut bindings::dma_fence, cb: *mut bindings::dma_fence_cb) {
+unsafe extern "C" fn fence_callback(
+    fence: *mut bindings::dma_fence,
+    cb: *mut bindings::dma_fence_cb,
+) {
     // CAST: `cb` is the first field of the `repr(C)` `CallbackHeader`.
     let header = cb.cast::<CallbackHeader>();
     // SAFETY: By the safety requirements `header` points to a valid `CallbackHeader`; `arm` wrote
@@ -1033,13 +1034,13 @@ fn signalled_result(fence: &DmaFence) -> Result {
 /// - `header` was initialised by [`FenceCallback::new`]: its `run` is `Self::run` and its `owner`
 ///   the module whose text holds it (null for vmlinux).
 /// - `kind` is initialised and only ever accessed through shared references until the callback is
-///   dropped. The C side and [`fence_callback`] only access `header` and `kind`, both of which are
+///   dropped. The C side and `fence_callback` only access `header` and `kind`, both of which are
 ///   in [`Opaque`] (an `UnsafeCell` that is `!Unpin`): a `&mut FenceCallback` held by the owner
 ///   while the action runs on another CPU does not claim exclusive access to them.
 /// - If `fence` is `Some`, `header.cb` was passed to `dma_fence_add_callback()` for that fence
 ///   through a pointer derived from the whole callback, and is either still linked in its callback
 ///   list, with a reference on `owner` taken for it, or has been unlinked by the C side (the
-///   fence signalled and [`fence_callback`] ran or runs, or it was never added because the fence
+///   fence signalled and `fence_callback` ran or runs, or it was never added because the fence
 ///   had signalled).
 ///
 /// # Examples
@@ -1128,7 +1129,7 @@ impl<K> FenceCallback<K> {
     /// # Safety
     ///
     /// `this` must point to a valid, pinned [`FenceCallback`] to which the caller has exclusive
-    /// access, apart from the C side and [`fence_callback`].
+    /// access, apart from the C side and `fence_callback`.
     unsafe fn disarm_raw(this: *mut Self) -> bool {
         // SAFETY: `fence` is only accessed by the owner, who has exclusive access; the C side and
         // `fence_callback` never touch it.
@@ -1196,8 +1197,9 @@ impl<K: CallbackKind> FenceCallback<K> {
         // SAFETY: The fence is valid and referenced by `(*this).fence` while the callback may be
         // linked. `header` derives from the whole pinned callback, which stays valid until the
         // callback is removed in `disarm_raw`, which `drop` calls; `cb` is its first field.
-        let ret =
-            unsafe { bindings::dma_fence_add_callback(raw_fence, header.cast(), Some(fence_callback)) };
+        let ret = unsafe {
+            bindings::dma_fence_add_callback(raw_fence, header.cast(), Some(fence_callback))
+        };
         // INVARIANT: `cb` was passed to `dma_fence_add_callback()` for `(*this).fence`, with a
         // reference on `owner` if it is now linked.
         if ret == 0 {
@@ -1229,8 +1231,8 @@ impl<K: CallbackKind> FenceCallback<K> {
     /// `header` must be the header of a valid `FenceCallback<K>`, reached through a pointer derived
     /// from the whole callback, and the action must not run for the current arming elsewhere.
     unsafe fn run(header: *const CallbackHeader, result: Result) {
-        // CAST: `header` is the first field of the `repr(C)` `FenceCallback<K>`, and its pointer has
-        // the provenance of the whole callback.
+        // CAST: `header` is the first field of the `repr(C)` `FenceCallback<K>`, and its pointer
+        // has the provenance of the whole callback.
         let this = header.cast::<Self>();
         // SAFETY: By the safety requirements `this` is valid; by the type invariants `kind` is
         // initialised and only shared references to it exist.
@@ -2159,7 +2161,10 @@ mod tests {
 
     /// A workqueue for the tests' fence work.
     fn fence_wq() -> Result<Arc<FenceWorkqueue>> {
-        Ok(Arc::new(FenceWorkqueue::new_ordered(c"rust_dma_fence_test")?, GFP_KERNEL)?)
+        Ok(Arc::new(
+            FenceWorkqueue::new_ordered(c"rust_dma_fence_test")?,
+            GFP_KERNEL,
+        )?)
     }
 
     #[test]
@@ -2383,7 +2388,8 @@ mod tests {
         for i in 0..ITERATIONS {
             let source = ctx().new_fence(GFP_KERNEL)?;
             let view = source.to_aref();
-            let mut proxy = KBox::pin_init(ProxyFence::new(level1.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
+            let mut proxy =
+                KBox::pin_init(ProxyFence::new(level1.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
             *signaller.fence.lock() = Some(source);
             signaller.started.store(false, ordering::Relaxed);
             let _ = workqueue::system_dfl().enqueue(signaller.clone());
@@ -2425,7 +2431,10 @@ mod tests {
             FenceCallback::new(QueueKthreadWork::new(second.clone(), fresh.clone())?),
             GFP_KERNEL,
         )?;
-        assert_eq!(QueueKthreadWork::new(first, fresh.clone()).err(), Some(EINVAL));
+        assert_eq!(
+            QueueKthreadWork::new(first, fresh.clone()).err(),
+            Some(EINVAL)
+        );
         assert_eq!(cb.as_mut().arm(DmaFence::stub()), Armed::RanNow);
         fresh.ran.wait_for_completion();
         second.flush();
@@ -2451,7 +2460,8 @@ mod tests {
         fn run(this: Arc<SectionProbe>, _section: &SignallingSection) {
             // The cookie of a section begun inside another one says so.
             let inner = SignallingSection::begin();
-            this.nested.store(u32::from(inner.cookie) + 1, ordering::Relaxed);
+            this.nested
+                .store(u32::from(inner.cookie) + 1, ordering::Relaxed);
             drop(inner);
             this.ran.complete_all();
         }
@@ -2493,7 +2503,10 @@ mod tests {
     /// # Safety
     ///
     /// `cb` is the `cb` of a live `SignalCFence` whose `target` is a valid fence.
-    unsafe extern "C" fn signal_c_fence(_fence: *mut bindings::dma_fence, cb: *mut bindings::dma_fence_cb) {
+    unsafe extern "C" fn signal_c_fence(
+        _fence: *mut bindings::dma_fence,
+        cb: *mut bindings::dma_fence_cb,
+    ) {
         // SAFETY: `cb` is the first field of a `repr(C)` `SignalCFence`, valid by the safety
         // requirements; `dma_fence_signal()` may be called from a fence callback.
         unsafe { bindings::dma_fence_signal((*cb.cast::<SignalCFence>()).target) };
@@ -2544,18 +2557,24 @@ mod tests {
 
         // The C fence counts as level 0 unless declared: a level-2 proxy may not follow it when
         // it is declared at level 2, a level-3 proxy may.
-        let mut low = KBox::pin_init(ProxyFence::new(nested(2)?.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
+        let mut low = KBox::pin_init(
+            ProxyFence::new(nested(2)?.new_fence(GFP_KERNEL)?),
+            GFP_KERNEL,
+        )?;
         assert_eq!(low.as_mut().follow_nested(c_fence.clone(), 2), Err(EINVAL));
         // A Rust fence keeps its own level when a lower one is declared.
         let level2 = nested(2)?.new_fence(GFP_KERNEL)?;
         assert_eq!(low.as_mut().follow_nested(level2.to_aref(), 0), Err(EINVAL));
         level2.signal(Ok(()));
         assert!(low.as_mut().signal(Ok(())));
-        let mut proxy =
-            KBox::pin_init(ProxyFence::new(nested(3)?.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
+        let mut proxy = KBox::pin_init(
+            ProxyFence::new(nested(3)?.new_fence(GFP_KERNEL)?),
+            GFP_KERNEL,
+        )?;
         proxy.as_mut().follow_nested(c_fence.clone(), 2)?;
         // rust_dma_fence_lock/1 -> the C fence's lock -> rust_dma_fence_lock/3: nesting.
-        let (signaller, _timer) = IrqSignaller::start(hw.into_unique(), Err(EIO), Delta::from_millis(1))?;
+        let (signaller, _timer) =
+            IrqSignaller::start(hw.into_unique(), Err(EIO), Delta::from_millis(1))?;
         proxy.fence().wait()?;
         assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
         assert_eq!(c_fence.status(), Some(Ok(())));
@@ -2569,7 +2588,11 @@ mod tests {
     fn timestamp_of_c_producer_checked() -> Result {
         // SAFETY: `dma_fence_context_alloc()` can be called from any context.
         let context = unsafe { bindings::dma_fence_context_alloc(1) };
-        let (negative, future, good) = (c_fence(context, 1)?, c_fence(context, 2)?, c_fence(context, 3)?);
+        let (negative, future, good) = (
+            c_fence(context, 1)?,
+            c_fence(context, 2)?,
+            c_fence(context, 3)?,
+        );
         assert!(good.timestamp().is_none());
         // SAFETY: The fences are valid and pending.
         unsafe {

@@ -27,10 +27,10 @@ use crate::{
         DmaFence,
         EnqueueWork,
         FenceCallback,
-        ProxyFence,
-        SignallingSection,
         FenceWorkqueue,
         NestedFenceContext, //
+        ProxyFence,
+        SignallingSection,
     },
     impl_has_delayed_work,
     impl_has_work,
