@@ -11,8 +11,8 @@ post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned,
 and with --require-trace that the drm_jobqueue trace events recorded during the
 run are complete and consistent (tracecheck.py), counted as one more case. With
 --require-module-unload, the post-test init's lines about the harness/modules
-are two more cases: fence_balanced unloaded, fence_leak (unsignalled fences
-leaked) was refused.
+are three more cases: fence_balanced unloaded, fence_leak (unsignalled fences
+leaked) and callback_leak (an armed callback leaked) were refused.
 """
 
 import argparse
@@ -46,6 +46,7 @@ BAD = [
 MODULE_UNLOAD = [
     ('module_unload_balanced', 'fence_balanced', 'unload ok'),
     ('module_unload_barrier', 'fence_leak', 'unload refused'),
+    ('module_unload_callback_barrier', 'callback_leak', 'unload refused'),
 ]
 
 # Lines that match BAD but are not reports.
@@ -75,7 +76,8 @@ def main():
     ap.add_argument('--require-trace', action='store_true',
                     help='the drm_jobqueue trace events of the run must pass harness/tracecheck.py')
     ap.add_argument('--require-module-unload', action='store_true',
-                    help='fence_balanced must have unloaded and fence_leak must have been refused')
+                    help='fence_balanced must have unloaded, fence_leak and callback_leak must '
+                    'have been refused')
     ap.add_argument('--kunit-rc', type=int, default=0)
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
