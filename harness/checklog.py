@@ -9,7 +9,10 @@ WARNING:, a sleep in atomic context, a KASAN or kmemleak report or a Rust panic.
 With --require-lockdep and --require-kmemleak it also requires proof, from the
 post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned,
 and with --require-trace that the drm_jobqueue trace events recorded during the
-run are complete and consistent (tracecheck.py), counted as one more case.
+run are complete and consistent (tracecheck.py), counted as one more case. With
+--require-module-unload, the post-test init's lines about the harness/modules
+are three more cases: fence_balanced unloaded, fence_leak (unsignalled fences
+leaked) and callback_leak (an armed callback leaked) were refused.
 """
 
 import argparse
@@ -38,6 +41,14 @@ BAD = [
     (re.compile(r'Fence .* released with pending signals'), 'unsignalled fence released'),
 ]
 
+# --require-module-unload: the case, the module and what /init must have printed
+# about unloading it.
+MODULE_UNLOAD = [
+    ('module_unload_balanced', 'fence_balanced', 'unload ok'),
+    ('module_unload_barrier', 'fence_leak', 'unload refused'),
+    ('module_unload_callback_barrier', 'callback_leak', 'unload refused'),
+]
+
 # Lines that match BAD but are not reports.
 BENIGN = [
     re.compile(r'KernelAddressSanitizer initialized'),
@@ -64,6 +75,9 @@ def main():
                     help='ignore the lockdep report 7.3.4 prints on UML at boot, before KUnit starts')
     ap.add_argument('--require-trace', action='store_true',
                     help='the drm_jobqueue trace events of the run must pass harness/tracecheck.py')
+    ap.add_argument('--require-module-unload', action='store_true',
+                    help='fence_balanced must have unloaded, fence_leak and callback_leak must '
+                    'have been refused')
     ap.add_argument('--kunit-rc', type=int, default=0)
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
@@ -127,6 +141,17 @@ def main():
                 else:
                     failed += 1
                     problems.append(f'failed check: {m.group(2)}')
+
+    if args.require_module_unload:
+        for case, module, want in MODULE_UNLOAD:
+            m = re.search(rf'jq-harness: module {module} (.*)', '\n'.join(lines))
+            if m and m.group(1).strip() == want:
+                passed += 1
+                print(f'checklog: ok {case}: module {module} {want}')
+            else:
+                failed += 1
+                got = m.group(1).strip() if m else 'no line: not loaded'
+                problems.append(f'failed check: {case}: module {module}: {got}, expected {want}')
 
     if args.require_trace:
         trace_problems, trace_summary = tracecheck.check(lines)

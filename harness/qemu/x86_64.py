@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # kunit.py QEMU configuration for the judged x86_64 run: like the kernel's own
-# qemu_configs/x86_64.py, plus an initramfs whose /init runs the post-test
-# checks (lockdep still on, a kmemleak scan, the drm_jobqueue trace events
-# recorded in the ring buffer during the run) once KUnit is done, two vCPUs and
-# room for KASAN. The Kconfig fragment lives in ../kunit/x86_64.config.
+# qemu_configs/x86_64.py, plus two vCPUs and room for KASAN. harness/run adds
+# the initramfs (-initrd through --qemu_args) whose /init runs the post-test
+# checks (the harness/modules unload checks, lockdep still on, a kmemleak scan,
+# the drm_jobqueue trace events recorded in the ring buffer during the run)
+# once KUnit is done: the judged run's has the modules built for its kernel.
+# The Kconfig fragment lives in ../kunit/x86_64.config.
 import os
 
 from ..qemu_config import QemuArchParams
@@ -22,5 +24,4 @@ QEMU_ARCH = QemuArchParams(linux_arch='x86_64',
                                            'trace_event=drm_jobqueue:*,dma_fence:dma_fence_init,'
                                            'dma_fence:dma_fence_signaled trace_buf_size=32M '
                                            'trace_clock=global',
-                           extra_qemu_params=['-bios', 'qboot.rom', '-smp', '2', '-m', '2048',
-                                              '-initrd', '/c/initramfs.cpio.gz'])
+                           extra_qemu_params=['-bios', 'qboot.rom', '-smp', '2', '-m', '2048'])
