@@ -465,7 +465,8 @@ impl Backend for MockBackend {
     fn timed_out(&self, mut job: JobRef<'_, Self>) -> TimeoutAction {
         self.stats.timeouts.add(1, ordering::Relaxed);
         match self.on_timeout {
-            TimeoutAction::NoHang => {}
+            // The test resets the ring later, as a driver's reset work would.
+            TimeoutAction::NoHang | TimeoutAction::ResetLater => {}
             // Only the hung job is lost; the ring goes on with the others.
             TimeoutAction::Reset(Recovery::Continue) => self.ring.skip_head(),
             _ => self.ring.reset(),
@@ -473,6 +474,11 @@ impl Backend for MockBackend {
         // A job that hung once completes when run again.
         job.behaviour = Behaviour::Complete;
         self.on_timeout
+    }
+
+    fn stop_hardware(&self) {
+        // The ring runs nothing more; its fences signal when the test resets it.
+        self.ring.kill();
     }
 
     fn cancelled(&self, _job: JobRef<'_, Self>, _error: Error) {
@@ -1608,7 +1614,8 @@ mod tests {
         let mut instant = f.job(1, us(10))?;
         instant.payload_mut().signalled_hw = Some(Ok(()));
         let completed = f.queue().submit(instant)?;
-        wait_runs(&f, 3);
+        // Torn down while the slow job runs and the failed one waits for its turn.
+        wait_runs(&f, 2);
         let mut order = OrderWatch::new()?;
         for fence in [&slow, &failed, &completed] {
             order.watch(fence)?;
@@ -1697,6 +1704,131 @@ mod tests {
         wait(&b)?;
         assert_eq!(b.status(), Some(Ok(())));
         assert_eq!(Stats::get(&f.stats.timeouts), 0);
+        Ok(())
+    }
+
+    /// Defect 10: with `pipeline_own_dependencies`, a job that depends on an earlier job of its
+    /// own queue is handed to the ring while that job runs; by default it waits for it.
+    #[test]
+    fn own_dependencies_pipelined_on_request() -> Result {
+        for pipeline in [false, true] {
+            let mut options = QueueOptions::new(c"jobqueue_kunit", c"pipeline", 4, None);
+            options.pipeline_own_dependencies = pipeline;
+            let f = Fixture::build(options, 4, TimeoutAction::NoHang)?;
+            let first = f.submit_simple(Delta::from_millis(50))?;
+            let mut second = f.job(1, us(10))?;
+            second.add_dependency(first.clone())?;
+            let second = f.queue().submit(second)?;
+            let mut order = OrderWatch::new()?;
+            order.watch(&first)?;
+            order.watch(&second)?;
+            fsleep(Delta::from_millis(10));
+            let expected = if pipeline { 2 } else { 1 };
+            assert_eq!(Stats::get(&f.stats.runs), expected);
+            wait(&second)?;
+            assert!(order.in_order());
+            assert_eq!(second.status(), Some(Ok(())));
+        }
+        Ok(())
+    }
+
+    /// Hook: a fault handles the oldest job as timed out at once.
+    #[test]
+    fn fault_times_out_now() -> Result {
+        let f = Fixture::new(c"fault", 4, Some(LONG))?;
+        let mut job = f.job(1, us(10))?;
+        job.payload_mut().behaviour = Behaviour::Hang;
+        let done = f.queue().submit(job)?;
+        wait_runs(&f, 1);
+        f.queue().fault();
+        assert_eq!(done.wait_timeout(Delta::from_secs(2)), Ok(()));
+        assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        Ok(())
+    }
+
+    /// Hook: a suspended timeout does not fire, and the time it was suspended does not count.
+    #[test]
+    fn suspended_timeout_does_not_fire() -> Result {
+        let f = Fixture::new(c"suspend", 4, Some(Delta::from_millis(50)))?;
+        let mut job = f.job(1, us(10))?;
+        job.payload_mut().behaviour = Behaviour::Hang;
+        let done = f.queue().submit(job)?;
+        f.queue().suspend_timeout();
+        fsleep(Delta::from_millis(150));
+        assert_eq!(Stats::get(&f.stats.timeouts), 0);
+        assert_eq!(done.status(), None);
+        f.queue().resume_timeout();
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        Ok(())
+    }
+
+    /// Hook: a reset the driver completes from its own work; until then nothing of the jobs on
+    /// the hardware signals or is dropped.
+    #[test]
+    fn reset_later_is_completed_by_the_driver() -> Result {
+        let f = Fixture::with_action(
+            c"reset-later",
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::ResetLater,
+        )?;
+        assert_eq!(f.queue().reset_done(Recovery::Resubmit), Err(EINVAL));
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let hung = f.queue().submit(hang)?;
+        let behind = f.submit_simple(us(10))?;
+        let mut tries = 0;
+        while Stats::get(&f.stats.timeouts) == 0 && tries < 2000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        fsleep(Delta::from_millis(60));
+        // Stopped: no second timeout, nothing signalled, nothing dropped.
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        assert_eq!(hung.status(), None);
+        assert_eq!(behind.status(), None);
+        assert_eq!(Stats::get(&f.stats.dropped), 0);
+        // Jobs submitted meanwhile wait.
+        let later = f.submit_simple(us(10))?;
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        // The driver's reset work.
+        f.ring.reset();
+        f.queue().reset_done(Recovery::Resubmit)?;
+        wait(&later)?;
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(behind.status(), Some(Ok(())));
+        assert_eq!(later.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 4);
+        Ok(())
+    }
+
+    /// Hook: jobs of 0 credits where the queue allows them; they take no room and stay in
+    /// order.
+    #[test]
+    fn zero_credit_jobs() -> Result {
+        let f = Fixture::new(c"no-zero", 1, None)?;
+        assert_eq!(f.job(0, us(10)).err(), Some(EINVAL));
+        let mut options = QueueOptions::new(c"jobqueue_kunit", c"zero", 1, None);
+        options.allow_zero_credits = true;
+        let f = Fixture::build(options, 4, TimeoutAction::NoHang)?;
+        let a = f.submit_simple(Delta::from_millis(50))?;
+        let b = f.queue().submit(f.job(0, us(10))?)?;
+        let c = f.submit_simple(us(10))?;
+        let mut order = OrderWatch::new()?;
+        for fence in [&a, &b, &c] {
+            order.watch(fence)?;
+        }
+        // The job of 0 credits runs while the other holds the ring's only credit.
+        wait_runs(&f, 2);
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert_eq!(a.status(), None);
+        wait(&c)?;
+        assert!(order.in_order());
+        assert!([&a, &b, &c].iter().all(|d| d.status() == Some(Ok(()))));
+        assert!(f.ring.max_credits() <= 1);
         Ok(())
     }
 
