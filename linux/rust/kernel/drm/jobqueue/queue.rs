@@ -830,7 +830,7 @@ impl<T: Backend> Inner<T> {
     /// the hardware, whichever is later. The retire work records the latter, but on a workqueue
     /// that is not ordered the timeout work can get here first.
     fn oldest_running(proc: &Proc<T>) -> Option<(u64, Instant<Monotonic>)> {
-        let mut previous_end = None;
+        let mut previous_end: Option<Instant<Monotonic>> = None;
         for (&seqno, node) in proc.jobs.iter() {
             match &node.state {
                 JobState::Running { hw, started, .. } if !hw.is_signaled() => {
