@@ -398,7 +398,10 @@ impl Drop for MockJob {
             }
         }
         if let Some(fence) = self.wait_on_drop.take() {
-            if fence.wait_uninterruptible_timeout(Delta::from_secs(1)).is_err() {
+            if fence
+                .wait_uninterruptible_timeout(Delta::from_secs(1))
+                .is_err()
+            {
                 self.stats.drop_wait_failed.add(1, ordering::Relaxed);
             }
         }
@@ -696,7 +699,8 @@ impl OrderWatch {
             kernel::bindings::dma_fence_add_callback(fence.as_raw(), raw, Some(order_cb))
         };
         if ret != 0 {
-            // SAFETY: The callback was not added: call it now, in order.
+            // SAFETY: The fence had signalled and the callback was not added; `raw` is the first
+            // field of the `OrderCb` in `cb`, alive until `self` is dropped.
             unsafe { order_cb(fence.as_raw(), raw) };
         }
         self.cbs.push(cb, GFP_KERNEL)?;

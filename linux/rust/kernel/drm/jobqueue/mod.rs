@@ -39,7 +39,8 @@
 //!              timeout: Backend |    |   | stop() / reset                     |
 //!              ::timed_out()    +----+   v                                    v
 //!                                 resubmit, cancel, or continue      retired in process
-//!                                                                    context: credits back,
+//!                                 (now, or at reset_done())          context: credits back
+//!                                                                    and handed on, then
 //!                                                                    payload dropped
 //! ```
 //!
@@ -184,14 +185,15 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 
 /// What a driver provides to run the jobs of a [`JobQueue`].
 ///
-/// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items (or its
-/// teardown, and [`Backend::run`] also from [`JobQueue::submit`] in the submitter's context
-/// when the job is next in line), in process context, one at a time per queue, with the queue's
-/// internal lock held and inside a fence signalling critical section
+/// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items
+/// ([`Backend::run`] also from [`JobQueue::submit`] in the submitter's context when the job is
+/// next in line), in process context, one at a time per queue, with the queue's internal lock
+/// held and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue
-/// (submit, stop, drop): the queues share one lock class. [`Backend::cancelled`] is called in
-/// process context without the lock, outside any signalling section.
+/// (submit, stop, drop): the queues share one lock class. [`Backend::cancelled`] and
+/// [`Backend::stop_hardware`] are called in process context without the lock, outside any
+/// signalling section.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///
@@ -251,7 +253,10 @@ pub enum TimeoutAction {
 /// What happens to the jobs that were on the hardware when a queue resumes after a stop or a
 /// reset.
 ///
-/// Jobs whose hardware fence had signalled before the stop finish normally in every case.
+/// Jobs whose hardware fence signalled success before or during the stop (or the handling of a
+/// timeout) finish successfully in every case: they are neither run again nor cancelled. A
+/// hardware fence that signalled an error meanwhile may have been signalled by the reset: the
+/// recovery decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recovery {
     /// Nothing happened to them: keep following their hardware fences.
@@ -273,7 +278,9 @@ pub struct QueueOptions {
     pub capacity: u32,
     /// How long a job may run before [`Backend::timed_out`] is called, counted from when it
     /// started on the hardware: when [`Backend::run`] handed it over, or when the job before it
-    /// finished, whichever is later. [`None`] for no timeout.
+    /// finished, whichever is later, and not while the queue is stopped or its timeout
+    /// suspended. [`None`] for no timeout. Teardown waits at most this long (10 seconds without
+    /// a timeout) for all the jobs on the hardware together.
     pub timeout: Option<Delta>,
     /// The workqueue the queue's work runs on; by default an ordered `WQ_MEM_RECLAIM` queue of
     /// its own. Any `WQ_MEM_RECLAIM` workqueue works, ordered or not, and several queues may
