@@ -24,7 +24,9 @@
 //!
 //! Jobs without a command stream (sync-only jobs) write nothing: like Panthor, `run` returns the
 //! hardware fence of the last job written to the ring, so the job is done when the jobs before it
-//! are.
+//! are. Unlike Panthor, which reserves ring space for them as drm_sched needs at least one credit
+//! per job, they take no credits ([`QueueOptions::allow_zero_credits`]): a full ring does not
+//! hold them back.
 //!
 //! # Timeouts, faults and termination
 //!
@@ -496,6 +498,7 @@ impl<H: QueueHw> Queue<H> {
         let mut options =
             QueueOptions::new(c"tyr", c"tyr-queue", config.args.capacity(), Some(timeout));
         options.workqueue = Some(wq);
+        options.allow_zero_credits = true;
         Ok(Self {
             jobs: JobQueue::new(TyrQueueBackend { ring }, options)?,
             profile_mask: config.profile_mask,
@@ -507,9 +510,13 @@ impl<H: QueueHw> Queue<H> {
     /// Allocates everything the job needs; its credits are the instructions it takes on the
     /// ring.
     pub(crate) fn new_job(&self, call: CallInfo, vm: H::Vm) -> Result<Job<TyrQueueBackend<H>>> {
+        let credits = if call.is_sync_only() {
+            0
+        } else {
+            ringbuf::job_credits(self.profile_mask)
+        };
         let payload = TyrJob::new(call, self.profile_mask, vm)?;
-        self.jobs
-            .new_job(ringbuf::job_credits(self.profile_mask), payload)
+        self.jobs.new_job(credits, payload)
     }
 
     /// Submits `job` and returns its done fence.

@@ -924,6 +924,28 @@ mod tests {
         Ok(())
     }
 
+    /// A sync-only job writes nothing to the ring and takes no credits: a full ring does not
+    /// hold it back (it still finishes after the jobs before it).
+    #[test]
+    fn sync_only_jobs_take_no_ring_space() -> Result {
+        let f = Fixture::new(1, JOB_TIMEOUT)?;
+        f.fw(0).set_paused(true);
+        let mut dones = KVec::new();
+        for _ in 0..32 {
+            dones.push(f.submit(0, CS_ADDR)?, GFP_KERNEL)?;
+        }
+        let sync = f.submit(0, 0)?;
+        let queue = f.group().queue(0)?;
+        assert!(poll(|| queue.stats().running == 33));
+        assert_eq!(queue.stats().credits_in_use, 512);
+        assert_eq!(sync.status(), None);
+        f.fw(0).set_paused(false);
+        wait(&sync)?;
+        assert!(dones.iter().all(|d| d.status() == Some(Ok(()))));
+        assert_eq!(sync.status(), Some(Ok(())));
+        Ok(())
+    }
+
     #[test]
     fn missed_interrupt_is_no_hang() -> Result {
         let f = Fixture::new(1, Delta::from_millis(100))?;
