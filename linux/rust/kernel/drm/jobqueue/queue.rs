@@ -467,6 +467,8 @@ impl<T: Backend> Proc<T> {
         }
         if let Some(seqno) = resubmit_from {
             // Every released job before `seqno` has signalled: there is nothing to wait for.
+            // INVARIANT: Both cursors move back to at most `seqno`, so `next_release` stays at most
+            // `next_run`.
             self.next_run = self.next_run.min(seqno);
             self.next_release = self.next_release.min(seqno);
             self.last_released = None;
@@ -496,7 +498,6 @@ impl<T: Backend> Proc<T> {
             };
             finish(&mut counters, node.as_mut(), outcome);
         }
-        self.next_release = self.next_run.max(self.next_release);
         self.last_released = None;
     }
 
@@ -678,6 +679,7 @@ impl<T: Backend> Inner<T> {
     /// signals once the done fence released before it has. Returns whether a job finished.
     fn release_jobs(&self, proc: &mut Proc<T>) -> bool {
         let mut finished = false;
+        // INVARIANT: `next_release` only moves up to `next_run`.
         while proc.next_release < proc.next_run {
             let seqno = proc.next_release;
             let Some(node) = proc.jobs.get_mut(&seqno) else {
