@@ -90,7 +90,7 @@
 //! | it had signalled `Ok`/`Err(e)` when [`Backend::run`] returned it | `Ok`/`Err(e)` | no |
 //! | a dependency signalled `Err(e)` (job not run) | `Err(e)` | yes |
 //! | [`Backend::run`] returned `Err(e)` | `Err(e)` | yes |
-//! | timed out, [`TimeoutAction::Reset`] (1) | `-ETIMEDOUT` | yes |
+//! | timed out: `Reset`, or `ResetLater` then [`JobQueue::reset_done`] (1) | `-ETIMEDOUT` | yes |
 //! | on the hardware at a reset or resume, [`Recovery::Cancel`]`(e)` (1) | `Err(e)` | yes |
 //! | on the hardware at a reset or resume, [`Recovery::Resubmit`] (1) | runs again | - |
 //! | [`TimeoutAction::DeviceGone`], not ended yet (1) | `-ENODEV` | yes |
