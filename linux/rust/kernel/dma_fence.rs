@@ -1342,6 +1342,14 @@ impl FenceWorkqueue {
         })
     }
 
+    /// Allocates an unordered, unbound workqueue for fence work, named `name`.
+    pub fn new_unbound(name: &CStr) -> Result<Self> {
+        // INVARIANT: `OwnedQueue::new_unbound()` allocates with `WQ_MEM_RECLAIM` and not `WQ_BH`.
+        Ok(Self {
+            queue: OwnedQueue::new_unbound(name)?,
+        })
+    }
+
     /// Waits until every work item queued so far has finished running.
     ///
     /// Must not be called from a work item running on this queue.

@@ -183,6 +183,11 @@ impl Ring {
     /// Resets the ring: the jobs on it are lost, their fences signal `-ECANCELED`.
     fn reset(&self) {
         self.resets.add(1, ordering::Relaxed);
+        self.clear();
+    }
+
+    /// Stops the ring and signals the fences of the jobs on it with `-ECANCELED`.
+    fn clear(&self) {
         let old = self.handle.lock().take();
         drop(old);
         loop {
@@ -241,6 +246,11 @@ impl Backend for RingBackend {
         self.ring.reset();
         // The hung job is cancelled; the jobs behind it on the ring are run again.
         TimeoutAction::Reset(Recovery::Resubmit)
+    }
+
+    fn stop_hardware(&self) {
+        // At teardown: whatever is left on the ring is lost.
+        self.ring.clear();
     }
 
     fn cancelled(&self, job: JobRef<'_, Self>, error: Error) {

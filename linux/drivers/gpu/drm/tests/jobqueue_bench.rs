@@ -487,6 +487,14 @@ impl Backend for BenchBackend {
     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
         TimeoutAction::NoHang
     }
+
+    fn stop_hardware(&self) {
+        self.ring.stop();
+        // Whatever is left on the ring is lost.
+        while let Some(fence) = self.ring.pop() {
+            fence.signal(Err(ECANCELED));
+        }
+    }
 }
 
 fn new_queues(shape: Shape) -> Result<KVec<JobQueue<BenchBackend>>> {

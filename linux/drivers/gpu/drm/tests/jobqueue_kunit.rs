@@ -15,6 +15,8 @@ use kernel::{
         DmaFence,
         FenceAllocation,
         FenceContext,
+        FenceWorkqueue,
+        NestedFenceContext,
         UniqueFence, //
     },
     drm::jobqueue::{
@@ -102,6 +104,8 @@ struct RingState {
     credits: u32,
     max_credits: u32,
     completed: u32,
+    /// The ring was stopped for good: it runs nothing more and takes no more jobs.
+    dead: bool,
 }
 
 /// The mock hardware ring.
@@ -110,6 +114,8 @@ struct MockRing {
     #[pin]
     timer: HrTimer<Self>,
     hw: FenceContext,
+    /// Hardware fences of too high a nesting level for a done fence to follow.
+    hw_high: NestedFenceContext,
     #[pin]
     state: SpinLockIrq<RingState>,
     #[pin]
@@ -134,6 +140,10 @@ impl HrTimerCallback for MockRing {
         }
         let (entry, next) = {
             let mut st = this.state.lock();
+            if st.dead {
+                st.busy = false;
+                return HrTimerRestart::NoRestart;
+            }
             let hang = match st.fifo.first() {
                 None => {
                     st.busy = false;
@@ -176,10 +186,12 @@ impl MockRing {
     fn new(slots: usize) -> Result<Arc<Self>> {
         let mut fifo = KVec::new();
         fifo.reserve(slots, GFP_KERNEL)?;
+        let hw_high = NestedFenceContext::new(c"jobqueue_kunit", c"mock-ring-high", 1)?;
         Arc::pin_init(
             pin_init!(Self {
                 timer <- HrTimer::new(),
                 hw: FenceContext::new(c"jobqueue_kunit", c"mock-ring"),
+                hw_high,
                 state <- new_spinlock_irq!(RingState {
                     fifo,
                     busy: false,
@@ -187,6 +199,7 @@ impl MockRing {
                     credits: 0,
                     max_credits: 0,
                     completed: 0,
+                    dead: false,
                 }),
                 handle <- new_spinlock_irq!(None),
                 in_hardirq: Atomic::new(true),
@@ -209,6 +222,9 @@ impl MockRing {
         let duration = entry.duration;
         let start = {
             let mut st = self.state.lock();
+            if st.dead {
+                return Err(ENODEV);
+            }
             let credits = entry.credits;
             st.fifo.push_within_capacity(entry).map_err(|_| ENOSPC)?;
             st.credits += credits;
@@ -247,6 +263,44 @@ impl MockRing {
         }
     }
 
+    /// Drops the hung job at the head of the ring, its fence signalling `-ECANCELED`, and lets
+    /// the ring go on with the jobs behind it.
+    fn skip_head(self: &Arc<Self>) {
+        let old = self.handle.lock().take();
+        drop(old);
+        let (entry, next) = {
+            let mut st = self.state.lock();
+            let Ok(entry) = st.fifo.remove(0) else {
+                st.busy = false;
+                st.hung = false;
+                return;
+            };
+            st.credits -= entry.credits;
+            st.hung = false;
+            let next = st.fifo.first().map(|e| e.duration);
+            st.busy = next.is_some();
+            (entry, next)
+        };
+        entry.fence.signal(Err(ECANCELED));
+        if let Some(duration) = next {
+            self.kick(duration);
+        }
+    }
+
+    /// Stops the ring for good without completing its jobs: their fences signal only when the
+    /// ring is reset (by the [`RingGuard`], after the queue is gone).
+    fn kill(&self) {
+        self.state.lock().dead = true;
+        let old = self.handle.lock().take();
+        drop(old);
+    }
+
+    /// Returns whether `fence` belongs to a job the ring may still execute.
+    fn is_live(&self, fence: &DmaFence) -> bool {
+        let st = self.state.lock();
+        !st.dead && st.fifo.iter().any(|e| e.fence.as_raw() == fence.as_raw())
+    }
+
     fn max_credits(&self) -> u32 {
         self.state.lock().max_credits
     }
@@ -265,6 +319,10 @@ struct Stats {
     order_violations: Atomic<u32>,
     dependency_violations: Atomic<u32>,
     last_seqno: Atomic<u64>,
+    /// Payloads dropped while the ring could still execute their job.
+    freed_while_running: Atomic<u32>,
+    /// Payloads whose drop waited in vain for a fence.
+    drop_wait_failed: Atomic<u32>,
 }
 
 impl Stats {
@@ -278,6 +336,8 @@ impl Stats {
                 order_violations: Atomic::new(0),
                 dependency_violations: Atomic::new(0),
                 last_seqno: Atomic::new(0),
+                freed_while_running: Atomic::new(0),
+                drop_wait_failed: Atomic::new(0),
             },
             GFP_KERNEL,
         )?)
@@ -300,6 +360,15 @@ struct MockJob {
     check: KVec<ARef<DmaFence>>,
     sleep_on_drop: bool,
     runs: u32,
+    /// Hand a hardware fence of too high a nesting level to the queue.
+    high_level_hw: bool,
+    /// A fence the drop waits for (bounded), as a payload holding a buffer might through reclaim.
+    wait_on_drop: Option<ARef<DmaFence>>,
+    /// How long the drop sleeps.
+    drop_sleep: Option<Delta>,
+    /// The ring and the hardware fence of the last run, to check the drop against.
+    ring: Option<Arc<MockRing>>,
+    hw: Option<ARef<DmaFence>>,
 }
 
 impl MockJob {
@@ -314,12 +383,33 @@ impl MockJob {
             check: KVec::new(),
             sleep_on_drop: false,
             runs: 0,
+            high_level_hw: false,
+            wait_on_drop: None,
+            drop_sleep: None,
+            ring: None,
+            hw: None,
         })
     }
 }
 
 impl Drop for MockJob {
     fn drop(&mut self) {
+        if let (Some(ring), Some(hw)) = (&self.ring, &self.hw) {
+            if ring.is_live(hw) {
+                self.stats.freed_while_running.add(1, ordering::Relaxed);
+            }
+        }
+        if let Some(fence) = self.wait_on_drop.take() {
+            if fence
+                .wait_uninterruptible_timeout(Delta::from_secs(1))
+                .is_err()
+            {
+                self.stats.drop_wait_failed.add(1, ordering::Relaxed);
+            }
+        }
+        if let Some(duration) = self.drop_sleep {
+            fsleep(duration);
+        }
         if self.sleep_on_drop {
             // Only legal in process context: DEBUG_ATOMIC_SLEEP would complain otherwise.
             fsleep(Delta::from_micros(100));
@@ -356,8 +446,14 @@ impl Backend for MockBackend {
             Some(alloc) => alloc,
             None => FenceAllocation::new(GFP_NOWAIT)?,
         };
-        let fence = self.ring.hw.init_fence(alloc);
+        let fence = if job.high_level_hw {
+            self.ring.hw_high.init_fence(alloc).into_unique()
+        } else {
+            self.ring.hw.init_fence(alloc)
+        };
         let hw = fence.to_aref();
+        job.ring = Some(self.ring.clone());
+        job.hw = Some(hw.clone());
         if let Some(result) = job.signalled_hw {
             fence.signal(result);
             return Ok(hw);
@@ -373,12 +469,21 @@ impl Backend for MockBackend {
 
     fn timed_out(&self, mut job: JobRef<'_, Self>) -> TimeoutAction {
         self.stats.timeouts.add(1, ordering::Relaxed);
-        if !matches!(self.on_timeout, TimeoutAction::NoHang) {
-            self.ring.reset();
+        match self.on_timeout {
+            // The test resets the ring later, as a driver's reset work would.
+            TimeoutAction::NoHang | TimeoutAction::ResetLater => {}
+            // Only the hung job is lost; the ring goes on with the others.
+            TimeoutAction::Reset(Recovery::Continue) => self.ring.skip_head(),
+            _ => self.ring.reset(),
         }
         // A job that hung once completes when run again.
         job.behaviour = Behaviour::Complete;
         self.on_timeout
+    }
+
+    fn stop_hardware(&self) {
+        // The ring runs nothing more; its fences signal when the test resets it.
+        self.ring.kill();
     }
 
     fn cancelled(&self, _job: JobRef<'_, Self>, _error: Error) {
@@ -428,17 +533,23 @@ impl Fixture {
         timeout: Option<Delta>,
         on_timeout: TimeoutAction,
     ) -> Result<Self> {
-        let ring = MockRing::new(capacity as usize)?;
+        Self::build(
+            QueueOptions::new(c"jobqueue_kunit", name, capacity, timeout),
+            capacity as usize,
+            on_timeout,
+        )
+    }
+
+    /// A queue made with `options` on a ring of `slots` jobs.
+    fn build(options: QueueOptions, slots: usize, on_timeout: TimeoutAction) -> Result<Self> {
+        let ring = MockRing::new(slots)?;
         let stats = Stats::new()?;
         let backend = MockBackend {
             ring: ring.clone(),
             stats: stats.clone(),
             on_timeout,
         };
-        let queue = JobQueue::new(
-            backend,
-            QueueOptions::new(c"jobqueue_kunit", name, capacity, timeout),
-        )?;
+        let queue = JobQueue::new(backend, options)?;
         Ok(Self {
             queue,
             ring: RingGuard(ring),
@@ -529,6 +640,168 @@ impl WorkItem for Submitter {
             }
         }
         *this.last.lock() = previous;
+    }
+}
+
+/// A C fence callback that records when its fence signalled, relative to the others of an
+/// [`OrderWatch`]: the order of the signals themselves, not of timestamps.
+#[repr(C)]
+struct OrderCb {
+    cb: kernel::bindings::dma_fence_cb,
+    next: Arc<Atomic<u32>>,
+    position: Atomic<u32>,
+    fence: ARef<DmaFence>,
+}
+
+/// # Safety
+///
+/// Called by the C side for a `cb` that is the first field of a live [`OrderCb`].
+unsafe extern "C" fn order_cb(
+    _fence: *mut kernel::bindings::dma_fence,
+    cb: *mut kernel::bindings::dma_fence_cb,
+) {
+    // SAFETY: `cb` is the first field of a `repr(C)` `OrderCb`, which `OrderWatch` keeps alive
+    // until the callback ran or was removed.
+    let this = unsafe { &*cb.cast::<OrderCb>() };
+    let position = this.next.fetch_add(1, ordering::Full) + 1;
+    this.position.store(position, ordering::Relaxed);
+}
+
+/// Records the order in which a set of fences signals, from their signalling paths.
+struct OrderWatch {
+    cbs: KVec<Pin<KBox<OrderCb>>>,
+    next: Arc<Atomic<u32>>,
+}
+
+impl OrderWatch {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            cbs: KVec::new(),
+            next: Arc::new(Atomic::new(0), GFP_KERNEL)?,
+        })
+    }
+
+    /// Starts watching `fence`; a fence that has signalled already gets the next position now.
+    fn watch(&mut self, fence: &ARef<DmaFence>) -> Result {
+        let cb = KBox::pin(
+            OrderCb {
+                // SAFETY: All-zero is a valid `dma_fence_cb`; `dma_fence_add_callback()`
+                // initialises it.
+                cb: unsafe { core::mem::zeroed() },
+                next: self.next.clone(),
+                position: Atomic::new(0),
+                fence: fence.clone(),
+            },
+            GFP_KERNEL,
+        )?;
+        let raw = core::ptr::from_ref(&cb.cb).cast_mut();
+        // SAFETY: The fence is valid; `cb` is pinned in its box and stays there until it is
+        // removed in `drop` or has run.
+        let ret = unsafe {
+            kernel::bindings::dma_fence_add_callback(fence.as_raw(), raw, Some(order_cb))
+        };
+        if ret != 0 {
+            // SAFETY: The fence had signalled and the callback was not added; `raw` is the first
+            // field of the `OrderCb` in `cb`, alive until `self` is dropped.
+            unsafe { order_cb(fence.as_raw(), raw) };
+        }
+        self.cbs.push(cb, GFP_KERNEL)?;
+        Ok(())
+    }
+
+    /// Returns whether every watched fence has signalled, in the order they were watched.
+    fn in_order(&self) -> bool {
+        let mut last = 0;
+        for cb in self.cbs.iter() {
+            let position = cb.position.load(ordering::Relaxed);
+            if position == 0 || position < last {
+                return false;
+            }
+            last = position;
+        }
+        true
+    }
+}
+
+impl Drop for OrderWatch {
+    fn drop(&mut self) {
+        for cb in self.cbs.iter() {
+            let raw = core::ptr::from_ref(&cb.cb).cast_mut();
+            // SAFETY: `cb` was added to `cb.fence` or ran; removing a callback that ran is a
+            // no-op, as the C side reinitialises its list node.
+            unsafe { kernel::bindings::dma_fence_remove_callback(cb.fence.as_raw(), raw) };
+        }
+    }
+}
+
+/// `struct dma_fence` with a `signaled` op that polls a member fence and, like
+/// `dma_fence_array`, reports its error only once signalling is enabled.
+#[repr(C)]
+struct PolledFence {
+    base: kernel::bindings::dma_fence,
+    member: *mut kernel::bindings::dma_fence,
+}
+
+/// # Safety
+///
+/// `fence` is the `base` of a live [`PolledFence`] whose member is alive.
+unsafe extern "C" fn polled_signaled(fence: *mut kernel::bindings::dma_fence) -> bool {
+    // SAFETY: As the caller guarantees.
+    let member = unsafe { (*fence.cast::<PolledFence>()).member };
+    // SAFETY: The member is alive.
+    unsafe { kernel::bindings::dma_fence_test_signaled_flag(member) }
+}
+
+/// # Safety
+///
+/// As for [`polled_signaled`]; called with the fence lock held.
+unsafe extern "C" fn polled_enable_signaling(fence: *mut kernel::bindings::dma_fence) -> bool {
+    // SAFETY: As the caller guarantees.
+    let member = unsafe { (*fence.cast::<PolledFence>()).member };
+    // SAFETY: The member is alive; the fence lock is held, so the error can be set.
+    unsafe {
+        if !kernel::bindings::dma_fence_test_signaled_flag(member) {
+            // The test signals it later, with the member's error.
+            return true;
+        }
+        (*fence).error = (*member).error;
+    }
+    // Signalled already: the C side signals the fence now, with the error.
+    false
+}
+
+/// # Safety
+///
+/// Called by the C side with a valid fence; the fence is not used.
+unsafe extern "C" fn polled_name(_fence: *mut kernel::bindings::dma_fence) -> *const c_char {
+    c"polled-fence".as_char_ptr()
+}
+
+static POLLED_OPS: kernel::bindings::dma_fence_ops = kernel::bindings::dma_fence_ops {
+    get_driver_name: Some(polled_name),
+    get_timeline_name: Some(polled_name),
+    enable_signaling: Some(polled_enable_signaling),
+    signaled: Some(polled_signaled),
+    wait: None,
+    release: None,
+    set_deadline: None,
+};
+
+/// Makes a [`PolledFence`] on `member`, which must outlive it until it signalled.
+fn polled_fence(member: &DmaFence) -> Result<ARef<DmaFence>> {
+    let mem = KBox::<MaybeUninit<PolledFence>>::new_uninit(GFP_KERNEL)?;
+    let raw = KBox::into_raw(mem).cast::<PolledFence>();
+    // SAFETY: `raw` is a kmalloc'ed `PolledFence` whose `base` comes first, freed by
+    // `dma_fence_free()` since `POLLED_OPS` has no `release`; its initial reference goes to the
+    // `ARef`.
+    unsafe {
+        (*raw).member = member.as_raw();
+        let base = core::ptr::addr_of_mut!((*raw).base);
+        let context = kernel::bindings::dma_fence_context_alloc(1);
+        kernel::bindings::dma_fence_init(base, &POLLED_OPS, core::ptr::null_mut(), context, 1);
+        Ok(ARef::from_raw(core::ptr::NonNull::new_unchecked(
+            base.cast(),
+        )))
     }
 }
 
@@ -978,11 +1251,12 @@ mod tests {
         let done = f.queue().submit(job)?;
         // Let it reach the ring.
         wait_runs(&f, 1);
-        // Teardown waits a timeout, asks the backend, then cuts the job loose.
+        // Teardown waits a timeout, then stops the ring for good through the backend; only then
+        // does the job finish, cancelled, and its payload go.
         let (ring, stats) = f.teardown();
-        assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(done.status(), Some(Err(ECANCELED)));
         assert_eq!(Stats::get(&stats.dropped), 1);
-        assert_eq!(Stats::get(&stats.timeouts), 1);
+        assert_eq!(Stats::get(&stats.freed_while_running), 0);
         // The hung hardware fence signals now: nothing of the queue is touched.
         ring.reset();
         Ok(())
@@ -1179,6 +1453,414 @@ mod tests {
         let job = f.job(1, us(10))?;
         let err = f.queue().submit(job).err().ok_or(EINVAL)?;
         assert_eq!(err.error, ENODEV);
+        Ok(())
+    }
+
+    /// Defect 1: teardown stops the ring through the backend before it finishes the jobs on it,
+    /// and waits one timeout for all of them, not one per job.
+    #[test]
+    fn teardown_stops_the_ring_before_finishing() -> Result {
+        let f = Fixture::with_action(
+            c"teardown-kill",
+            4,
+            Some(Delta::from_millis(100)),
+            TimeoutAction::NoHang,
+        )?;
+        let mut dones = KVec::new();
+        for _ in 0..3 {
+            let mut job = f.job(1, us(10))?;
+            job.payload_mut().behaviour = Behaviour::Hang;
+            dones.push(f.queue().submit(job)?, GFP_KERNEL)?;
+        }
+        wait_runs(&f, 3);
+        let start = kernel::time::Instant::<Monotonic>::now();
+        let (ring, stats) = f.teardown();
+        let took = start.elapsed();
+        for done in &dones {
+            assert_eq!(done.status(), Some(Err(ECANCELED)));
+        }
+        assert_eq!(Stats::get(&stats.freed_while_running), 0);
+        assert_eq!(Stats::get(&stats.dropped), 3);
+        assert!(took < Delta::from_millis(250));
+        ring.reset();
+        Ok(())
+    }
+
+    /// Defect 3: after a reset that continues the other jobs, the next hang is detected too.
+    #[test]
+    fn reset_continue_rearms_timeout() -> Result {
+        let f = Fixture::with_action(
+            c"reset-continue",
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::Reset(Recovery::Continue),
+        )?;
+        let mut first = f.job(1, us(10))?;
+        first.payload_mut().behaviour = Behaviour::Hang;
+        let first = f.queue().submit(first)?;
+        let mut second = f.job(1, us(10))?;
+        second.payload_mut().behaviour = Behaviour::Hang;
+        let second = f.queue().submit(second)?;
+        wait(&first)?;
+        assert_eq!(first.status(), Some(Err(ETIMEDOUT)));
+        // Nothing new starts: the timeout must still be armed for the second job.
+        let _ = second.wait_timeout(Delta::from_millis(500));
+        assert_eq!(second.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(Stats::get(&f.stats.timeouts), 2);
+        Ok(())
+    }
+
+    /// Defect 4: the time a queue is stopped does not count towards a job's timeout.
+    #[test]
+    fn time_stopped_does_not_count() -> Result {
+        let f = Fixture::new(c"stop-time", 4, Some(Delta::from_millis(200)))?;
+        let mut job = f.job(1, us(10))?;
+        job.payload_mut().behaviour = Behaviour::Hang;
+        let done = f.queue().submit(job)?;
+        wait_runs(&f, 1);
+        let stopped = f.queue().stop();
+        fsleep(Delta::from_millis(150));
+        stopped.resume(Recovery::Continue);
+        // 250 ms after the start, 100 ms of which not stopped: no timeout yet.
+        fsleep(Delta::from_millis(100));
+        assert_eq!(Stats::get(&f.stats.timeouts), 0);
+        assert_eq!(done.status(), None);
+        wait(&done)?;
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        Ok(())
+    }
+
+    /// Defect 5: a job whose hardware fence signalled while the queue was stopped has finished,
+    /// whatever the recovery: it is neither run again nor reported failed.
+    #[test]
+    fn recover_keeps_hw_completions() -> Result {
+        let f = Fixture::new(c"recover-done", 4, None)?;
+        let a = f.submit_simple(Delta::from_millis(20))?;
+        wait_runs(&f, 1);
+        let stopped = f.queue().stop();
+        fsleep(Delta::from_millis(60));
+        assert_eq!(f.ring.completed(), 1);
+        stopped.resume(Recovery::Resubmit);
+        wait(&a)?;
+        assert_eq!(a.status(), Some(Ok(())));
+        let b = f.submit_simple(Delta::from_millis(20))?;
+        wait_runs(&f, 2);
+        let stopped = f.queue().stop();
+        fsleep(Delta::from_millis(60));
+        stopped.resume(Recovery::Cancel(EIO));
+        wait(&b)?;
+        assert_eq!(b.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert_eq!(Stats::get(&f.stats.cancelled), 0);
+        Ok(())
+    }
+
+    /// Defect 6: credits come back before payloads are dropped, so a payload drop that waits
+    /// for a later job of a one-credit ring does not deadlock.
+    #[test]
+    fn credits_return_before_payload_drop() -> Result {
+        let f = Fixture::new(c"credit-drop", 1, None)?;
+        let mut first = f.job(1, us(100))?;
+        let second = f.job(1, us(100))?;
+        // Above the done fences' level, so that it can follow one.
+        let gate_ctx = NestedFenceContext::new(c"jobqueue_kunit", c"credit-gate", 2)?;
+        let gate = gate_ctx.new_fence(GFP_KERNEL)?;
+        // The first payload's drop waits for the second job's done fence: it gets it through
+        // the gate's proxy once the second job is submitted.
+        let mut proxy = KBox::pin_init(kernel::dma_fence::ProxyFence::new(gate), GFP_KERNEL)?;
+        first.payload_mut().wait_on_drop = Some(proxy.fence().clone());
+        let a = f.queue().submit(first)?;
+        let b = f.queue().submit(second)?;
+        proxy.as_mut().follow(b.clone())?;
+        wait(&a)?;
+        wait(&b)?;
+        let mut tries = 0;
+        while Stats::get(&f.stats.dropped) < 2 && tries < 2000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.drop_wait_failed), 0);
+        assert_eq!(b.status(), Some(Ok(())));
+        drop(proxy);
+        Ok(())
+    }
+
+    /// Defect 7: a hardware fence the done fence cannot follow does not cut the job loose.
+    #[test]
+    fn hw_fence_of_too_high_level() -> Result {
+        let f = Fixture::new(c"high-level", 4, None)?;
+        let mut job = f.job(1, Delta::from_millis(20))?;
+        job.payload_mut().high_level_hw = true;
+        let a = f.queue().submit(job)?;
+        let b = f.submit_simple(us(10))?;
+        let mut order = OrderWatch::new()?;
+        order.watch(&a)?;
+        order.watch(&b)?;
+        wait(&b)?;
+        assert_eq!(a.status(), Some(Ok(())));
+        assert!(order.in_order());
+        let mut tries = 0;
+        while Stats::get(&f.stats.dropped) < 2 && tries < 2000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.freed_while_running), 0);
+        assert_eq!(Stats::get(&f.stats.cancelled), 0);
+        Ok(())
+    }
+
+    /// Defect 8: teardown keeps the result a waiting job already had.
+    #[test]
+    fn teardown_keeps_recorded_results() -> Result {
+        let f = Fixture::new(c"teardown-results", 4, None)?;
+        let slow = f.submit_simple(Delta::from_millis(100))?;
+        let mut failing = f.job(1, us(10))?;
+        failing.payload_mut().run_error = Some(EBUSY);
+        let failed = f.queue().submit(failing)?;
+        let mut instant = f.job(1, us(10))?;
+        instant.payload_mut().signalled_hw = Some(Ok(()));
+        let completed = f.queue().submit(instant)?;
+        // Torn down while the slow job runs and the failed one waits for its turn.
+        wait_runs(&f, 2);
+        let mut order = OrderWatch::new()?;
+        for fence in [&slow, &failed, &completed] {
+            order.watch(fence)?;
+        }
+        let (_ring, stats) = f.teardown();
+        assert_eq!(slow.status(), Some(Ok(())));
+        assert_eq!(failed.status(), Some(Err(EBUSY)));
+        assert_eq!(completed.status(), Some(Ok(())));
+        assert!(order.in_order());
+        assert_eq!(Stats::get(&stats.cancelled), 1);
+        assert_eq!(Stats::get(&stats.dropped), 3);
+        Ok(())
+    }
+
+    /// Defect 9: a dependency that reports signalled when polled, without its error (as a
+    /// `dma_fence_array` does), still fails the job.
+    #[test]
+    fn polled_dependency_error_is_seen() -> Result {
+        let f = Fixture::new(c"polled-dep", 4, None)?;
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"member");
+        let member = ctx.new_fence(GFP_KERNEL)?;
+        let member_ref = member.to_aref();
+        let array = polled_fence(&member_ref)?;
+        member.signal(Err(EIO));
+        let mut job = f.job(1, us(10))?;
+        job.add_dependency(array.clone())?;
+        let done = f.queue().submit(job)?;
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Err(EIO)));
+        assert_eq!(Stats::get(&f.stats.runs), 0);
+        Ok(())
+    }
+
+    /// Defect 10: a job that fails without running does not hold back the jobs behind it, and
+    /// the done fences still signal in order.
+    #[test]
+    fn failed_job_does_not_hold_back_the_next() -> Result {
+        let f = Fixture::new(c"no-holdback", 4, None)?;
+        let slow = f.submit_simple(Delta::from_millis(200))?;
+        let mut failing = f.job(1, us(10))?;
+        failing.payload_mut().run_error = Some(EBUSY);
+        let failed = f.queue().submit(failing)?;
+        let other_ctx = FenceContext::new(c"jobqueue_kunit", c"holdback-dep");
+        let dep = other_ctx.new_fence(GFP_KERNEL)?;
+        let mut dep_failing = f.job(1, us(10))?;
+        dep_failing.add_dependency(dep.to_aref())?;
+        let dep_failed = f.queue().submit(dep_failing)?;
+        dep.signal(Err(EIO));
+        let fast = f.submit_simple(us(10))?;
+        let mut order = OrderWatch::new()?;
+        for fence in [&slow, &failed, &dep_failed, &fast] {
+            order.watch(fence)?;
+        }
+        // The fast job runs while the slow one is still on the ring.
+        wait_runs(&f, 3);
+        assert_eq!(Stats::get(&f.stats.runs), 3);
+        assert_eq!(slow.status(), None);
+        wait(&fast)?;
+        assert!(order.in_order());
+        assert_eq!(failed.status(), Some(Err(EBUSY)));
+        assert_eq!(dep_failed.status(), Some(Err(EIO)));
+        assert_eq!(fast.status(), Some(Ok(())));
+        Ok(())
+    }
+
+    /// Defect 10: on a workqueue that is not ordered the timeout work can run before the retire
+    /// work; it must not judge the new oldest job by when it was handed to the ring.
+    #[test]
+    fn stale_start_on_unordered_workqueue() -> Result {
+        let mut options = QueueOptions::new(
+            c"jobqueue_kunit",
+            c"unordered",
+            4,
+            Some(Delta::from_millis(200)),
+        );
+        options.workqueue = Some(Arc::new(
+            FenceWorkqueue::new_unbound(c"jobqueue_kunit_unordered")?,
+            GFP_KERNEL,
+        )?);
+        let f = Fixture::build(options, 4, TimeoutAction::Reset(Recovery::Resubmit))?;
+        // The first job's drop keeps the retire work busy past the timeout.
+        let mut first = f.job(1, us(10))?;
+        first.payload_mut().drop_sleep = Some(Delta::from_millis(300));
+        let first = f.queue().submit(first)?;
+        wait(&first)?;
+        let a = f.submit_simple(Delta::from_millis(150))?;
+        let b = f.submit_simple(Delta::from_millis(100))?;
+        wait(&a)?;
+        wait(&b)?;
+        assert_eq!(b.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.timeouts), 0);
+        Ok(())
+    }
+
+    /// Defect 10: with `pipeline_own_dependencies`, a job that depends on an earlier job of its
+    /// own queue is handed to the ring while that job runs; by default it waits for it.
+    #[test]
+    fn own_dependencies_pipelined_on_request() -> Result {
+        for pipeline in [false, true] {
+            let mut options = QueueOptions::new(c"jobqueue_kunit", c"pipeline", 4, None);
+            options.pipeline_own_dependencies = pipeline;
+            let f = Fixture::build(options, 4, TimeoutAction::NoHang)?;
+            let first = f.submit_simple(Delta::from_millis(50))?;
+            let mut second = f.job(1, us(10))?;
+            second.add_dependency(first.clone())?;
+            let second = f.queue().submit(second)?;
+            let mut order = OrderWatch::new()?;
+            order.watch(&first)?;
+            order.watch(&second)?;
+            fsleep(Delta::from_millis(10));
+            let expected = if pipeline { 2 } else { 1 };
+            assert_eq!(Stats::get(&f.stats.runs), expected);
+            wait(&second)?;
+            assert!(order.in_order());
+            assert_eq!(second.status(), Some(Ok(())));
+        }
+        Ok(())
+    }
+
+    /// Hook: a fault handles the oldest job as timed out at once.
+    #[test]
+    fn fault_times_out_now() -> Result {
+        let f = Fixture::new(c"fault", 4, Some(LONG))?;
+        let mut job = f.job(1, us(10))?;
+        job.payload_mut().behaviour = Behaviour::Hang;
+        let done = f.queue().submit(job)?;
+        wait_runs(&f, 1);
+        f.queue().fault();
+        assert_eq!(done.wait_timeout(Delta::from_secs(2)), Ok(()));
+        assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        Ok(())
+    }
+
+    /// Hook: a suspended timeout does not fire, and the time it was suspended does not count.
+    #[test]
+    fn suspended_timeout_does_not_fire() -> Result {
+        let f = Fixture::new(c"suspend", 4, Some(Delta::from_millis(50)))?;
+        let mut job = f.job(1, us(10))?;
+        job.payload_mut().behaviour = Behaviour::Hang;
+        let done = f.queue().submit(job)?;
+        f.queue().suspend_timeout();
+        fsleep(Delta::from_millis(150));
+        assert_eq!(Stats::get(&f.stats.timeouts), 0);
+        assert_eq!(done.status(), None);
+        f.queue().resume_timeout();
+        wait(&done)?;
+        assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        Ok(())
+    }
+
+    /// Hook: a reset the driver completes from its own work; until then nothing of the jobs on
+    /// the hardware signals or is dropped.
+    #[test]
+    fn reset_later_is_completed_by_the_driver() -> Result {
+        let f = Fixture::with_action(
+            c"reset-later",
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::ResetLater,
+        )?;
+        assert_eq!(f.queue().reset_done(Recovery::Resubmit), Err(EINVAL));
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let hung = f.queue().submit(hang)?;
+        let behind = f.submit_simple(us(10))?;
+        let mut tries = 0;
+        while Stats::get(&f.stats.timeouts) == 0 && tries < 2000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        fsleep(Delta::from_millis(60));
+        // Stopped: no second timeout, nothing signalled, nothing dropped.
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        assert_eq!(hung.status(), None);
+        assert_eq!(behind.status(), None);
+        assert_eq!(Stats::get(&f.stats.dropped), 0);
+        // Jobs submitted meanwhile wait.
+        let later = f.submit_simple(us(10))?;
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        // The driver's reset work.
+        f.ring.reset();
+        f.queue().reset_done(Recovery::Resubmit)?;
+        wait(&later)?;
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(behind.status(), Some(Ok(())));
+        assert_eq!(later.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 4);
+        Ok(())
+    }
+
+    /// Hook: jobs of 0 credits where the queue allows them; they take no room and stay in
+    /// order.
+    #[test]
+    fn zero_credit_jobs() -> Result {
+        let f = Fixture::new(c"no-zero", 1, None)?;
+        assert_eq!(f.job(0, us(10)).err(), Some(EINVAL));
+        let mut options = QueueOptions::new(c"jobqueue_kunit", c"zero", 1, None);
+        options.allow_zero_credits = true;
+        let f = Fixture::build(options, 4, TimeoutAction::NoHang)?;
+        let a = f.submit_simple(Delta::from_millis(50))?;
+        let b = f.queue().submit(f.job(0, us(10))?)?;
+        let c = f.submit_simple(us(10))?;
+        let mut order = OrderWatch::new()?;
+        for fence in [&a, &b, &c] {
+            order.watch(fence)?;
+        }
+        // The job of 0 credits runs while the other holds the ring's only credit.
+        wait_runs(&f, 2);
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert_eq!(a.status(), None);
+        wait(&c)?;
+        assert!(order.in_order());
+        assert!([&a, &b, &c].iter().all(|d| d.status() == Some(Ok(()))));
+        assert!(f.ring.max_credits() <= 1);
+        Ok(())
+    }
+
+    /// Defect 10: credits add up without overflowing, whatever the capacity.
+    #[test]
+    fn credits_do_not_overflow() -> Result {
+        let f = Fixture::build(
+            QueueOptions::new(c"jobqueue_kunit", c"overflow", 0xc000_0000, None),
+            4,
+            TimeoutAction::NoHang,
+        )?;
+        let mut big = f.job(0x8000_0000, us(10))?;
+        big.payload_mut().behaviour = Behaviour::Hang;
+        let first = f.queue().submit(big)?;
+        let second = f.queue().submit(f.job(0x8000_0000, us(10))?)?;
+        wait_runs(&f, 1);
+        fsleep(Delta::from_millis(20));
+        // The second job does not fit while the first runs.
+        assert_eq!(Stats::get(&f.stats.runs), 1);
+        f.ring.reset();
+        wait(&first)?;
+        wait(&second)?;
+        assert_eq!(second.status(), Some(Ok(())));
         Ok(())
     }
 }

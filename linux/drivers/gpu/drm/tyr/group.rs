@@ -290,11 +290,28 @@ impl<H: QueueHw> Group<H> {
         })
     }
 
+    /// Suspends the timeouts of the group's queues: what the CSG scheduler does when it takes
+    /// the group off its slot to make room for another, as Panthor does, so that the time the
+    /// group waits for a slot does not count as a hang.
+    pub(crate) fn suspend_timeouts(&self) {
+        for queue in self.queues.iter() {
+            queue.suspend_timeout();
+        }
+    }
+
+    /// Resumes the timeouts of the group's queues once the group is on a slot again.
+    pub(crate) fn resume_timeouts(&self) {
+        for queue in self.queues.iter() {
+            queue.resume_timeout();
+        }
+    }
+
     /// Ends the jobs on the rings of a group that can no longer run.
     ///
-    /// What the CSG scheduler does once a group timed out or faulted
-    /// ([`QueueHw::request_reset`]), and what destroying a group does. Sleeps: process context
-    /// only, not from a queue's work.
+    /// What the CSG scheduler does once a group that timed out or faulted
+    /// ([`QueueHw::request_reset`]) is off its CSG slot, and what destroying a group does after
+    /// [`QueueHw::evict`]. The firmware must no longer execute the group's rings. Sleeps:
+    /// process context only, not from a queue's work.
     pub(crate) fn terminate(&self) {
         let error = self.state.term_error();
         for queue in self.queues.iter() {
@@ -306,6 +323,10 @@ impl<H: QueueHw> Group<H> {
 impl<H: QueueHw> Drop for Group<H> {
     fn drop(&mut self) {
         self.state.fail(GroupState::DESTROYED);
+        // Off the slot first: the firmware may still execute the rings.
+        for queue in self.queues.iter() {
+            queue.evict();
+        }
         self.terminate();
     }
 }

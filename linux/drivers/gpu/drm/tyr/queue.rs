@@ -24,18 +24,23 @@
 //!
 //! Jobs without a command stream (sync-only jobs) write nothing: like Panthor, `run` returns the
 //! hardware fence of the last job written to the ring, so the job is done when the jobs before it
-//! are.
+//! are. Unlike Panthor, which reserves ring space for them as drm_sched needs at least one credit
+//! per job, they take no credits ([`QueueOptions::allow_zero_credits`]): a full ring does not
+//! hold them back.
 //!
 //! # Timeouts, faults and termination
 //!
 //! As in Panthor, a group that faults or times out is never run again. [`Backend::timed_out`]
 //! first looks for completions the interrupt path missed; if there are, the ring made progress
 //! and the job gets another period ([`TimeoutAction::NoHang`]). Otherwise the group is marked
-//! timed out, the group scheduler is asked to take it off its CSG slot, the hardware fences of the
-//! ring are signalled with `-ETIMEDOUT` and the queue resets with
-//! [`Recovery::Cancel`]`(ETIMEDOUT)`, which is what Panthor's `group_term_post_processing()`
-//! does for every job of a timed-out group. The other queues of the group are terminated by
-//! [`Group::terminate`](crate::group::Group::terminate), from process context.
+//! timed out and the CSG scheduler is asked to take it off its CSG slot
+//! ([`QueueHw::request_reset`]); the queue stays stopped ([`TimeoutAction::ResetLater`]) with
+//! nothing signalled, since the firmware may still execute the ring. Once the group is off its
+//! slot, the scheduler's reset work calls [`Group::terminate`](crate::group::Group::terminate),
+//! which signals the hardware fences of every ring of the group with the group's error and
+//! completes the reset with [`Recovery::Cancel`], what Panthor's `group_term_post_processing()`
+//! does for every job of a timed-out group, after the group left its slot. Destroying a group
+//! takes it off its slot ([`QueueHw::evict`]) before it ends the jobs on its rings.
 //!
 //! # What is missing upstream
 //!
@@ -158,11 +163,21 @@ pub(crate) trait QueueHw: RingMem + Send + Sync + 'static {
     /// queue is terminated.
     fn force_sync_object(&self, sync: SyncObj);
 
-    /// Asks the CSG scheduler to take the group off its CSG slot and to terminate its other
-    /// queues ([`Group::terminate`](crate::group::Group::terminate)) from process context.
+    /// Asks the CSG scheduler to take the group off its CSG slot, and, once the firmware no
+    /// longer executes any ring of the group, to terminate the group
+    /// ([`Group::terminate`](crate::group::Group::terminate)) from process context. Does not wait
+    /// for any of it.
     ///
     /// Called without the ring lock held, from the job queue's timeout work.
     fn request_reset(&self);
+
+    /// Takes the group off its CSG slot, if it is on one, and returns once the firmware no
+    /// longer executes the queue's ring (Panthor's `panthor_group_destroy()` path, which
+    /// schedules the group out and waits for it). From then on the ring's hardware fences signal
+    /// only when [`Group::terminate`](crate::group::Group::terminate) signals them.
+    ///
+    /// Called without the ring lock held, in process context: it may sleep.
+    fn evict(&self);
 }
 
 /// What the firmware says about every CS of the GPU (Panthor's `csif_info` and
@@ -438,9 +453,17 @@ impl<H: QueueHw> Backend for TyrQueueBackend<H> {
             job.done_fence().seqno()
         );
         self.ring.group.fail(GroupState::TIMEDOUT);
+        // The firmware may still execute the ring: nothing signals until the group is off its
+        // slot and `Group::terminate` ends the jobs (`Queue::terminate`).
         self.ring.hw.request_reset();
-        self.ring.cancel_in_flight(ETIMEDOUT);
-        TimeoutAction::Reset(Recovery::Cancel(ETIMEDOUT))
+        TimeoutAction::ResetLater
+    }
+
+    fn stop_hardware(&self) {
+        // Dropping the group took it off its slot and terminated it; this is for a queue that
+        // goes without its group.
+        self.ring.hw.evict();
+        self.ring.cancel_in_flight(ECANCELED);
     }
 
     fn cancelled(&self, job: JobRef<'_, Self>, error: Error) {
@@ -475,6 +498,7 @@ impl<H: QueueHw> Queue<H> {
         let mut options =
             QueueOptions::new(c"tyr", c"tyr-queue", config.args.capacity(), Some(timeout));
         options.workqueue = Some(wq);
+        options.allow_zero_credits = true;
         Ok(Self {
             jobs: JobQueue::new(TyrQueueBackend { ring }, options)?,
             profile_mask: config.profile_mask,
@@ -486,9 +510,13 @@ impl<H: QueueHw> Queue<H> {
     /// Allocates everything the job needs; its credits are the instructions it takes on the
     /// ring.
     pub(crate) fn new_job(&self, call: CallInfo, vm: H::Vm) -> Result<Job<TyrQueueBackend<H>>> {
+        let credits = if call.is_sync_only() {
+            0
+        } else {
+            ringbuf::job_credits(self.profile_mask)
+        };
         let payload = TyrJob::new(call, self.profile_mask, vm)?;
-        self.jobs
-            .new_job(ringbuf::job_credits(self.profile_mask), payload)
+        self.jobs.new_job(credits, payload)
     }
 
     /// Submits `job` and returns its done fence.
@@ -514,10 +542,28 @@ impl<H: QueueHw> Queue<H> {
     /// Ends every job on the ring with `error`; the jobs that have not run are cancelled by
     /// [`Backend::run`], as the group can no longer run.
     ///
-    /// Sleeps: process context only, not from the job queue's own work.
+    /// Only once the firmware no longer executes the ring (the group is off its slot). Sleeps:
+    /// process context only, not from the job queue's own work.
     pub(crate) fn terminate(&self, error: Error) {
-        let stopped = self.jobs.stop();
+        // The done fences of the jobs on the ring follow these hardware fences, unless a timeout
+        // stopped the queue: then completing the reset ends them.
         self.ring().cancel_in_flight(error);
-        stopped.resume(Recovery::Cancel(error));
+        let _ = self.jobs.reset_done(Recovery::Cancel(error));
+    }
+
+    /// Stops the clock of the queue's timeout while its group is not resident on a CSG slot
+    /// (Panthor's `queue_suspend_timeout()`).
+    pub(crate) fn suspend_timeout(&self) {
+        self.jobs.suspend_timeout();
+    }
+
+    /// Restarts it once the group is back on a slot (Panthor's `queue_resume_timeout()`).
+    pub(crate) fn resume_timeout(&self) {
+        self.jobs.resume_timeout();
+    }
+
+    /// Evicts the queue's group from its slot ([`QueueHw::evict`]).
+    pub(crate) fn evict(&self) {
+        self.ring().hw.evict();
     }
 }

@@ -127,6 +127,8 @@ struct FwState {
     bad_instrs: u32,
     overwrites: u32,
     irqs: u32,
+    /// Sync object overwrites (termination) while the firmware could still execute the ring.
+    early_terminations: u32,
 }
 
 impl FwState {
@@ -297,6 +299,7 @@ impl FakeFw {
                     bad_instrs: 0,
                     overwrites: 0,
                     irqs: 0,
+                    early_terminations: 0,
                 }),
                 handle <- new_spinlock_irq!(None),
                 queue <- new_spinlock_irq!(None),
@@ -320,6 +323,13 @@ impl FakeFw {
             let handle = self.clone().start(JOB_TIME);
             *self.handle.lock() = Some(handle);
         }
+    }
+
+    /// Takes the group off its CSG slot: the firmware executes nothing more of the ring.
+    fn evict(&self) {
+        self.state.lock().dead = true;
+        let handle = self.handle.lock().take();
+        drop(handle);
     }
 
     fn set_paused(self: &Arc<Self>, paused: bool) {
@@ -382,13 +392,20 @@ impl QueueHw for FakeHw {
     }
 
     fn force_sync_object(&self, sync: SyncObj) {
-        self.0.state.lock().sync = sync;
+        let mut st = self.0.state.lock();
+        if !st.dead {
+            st.early_terminations += 1;
+        }
+        st.sync = sync;
     }
 
     fn request_reset(&self) {
-        let mut st = self.0.state.lock();
-        st.resets += 1;
-        st.dead = true;
+        // The CSG scheduler takes the group off its slot later: the test does, by `evict`.
+        self.0.state.lock().resets += 1;
+    }
+
+    fn evict(&self) {
+        self.0.evict();
     }
 }
 
@@ -815,6 +832,16 @@ mod tests {
         let first = f.submit(0, CS_ADDR)?;
         let hung = f.submit(0, HANG_ADDR)?;
         let behind = f.submit(0, CS_ADDR)?;
+        assert!(poll(|| f.fw(0).state.lock().resets == 1));
+        fsleep(Delta::from_millis(20));
+        // The group is still on its slot: nothing of the ring may end yet (defect 2 of issue
+        // 11; Panthor signals only once the group is off its slot).
+        assert_eq!(hung.status(), None);
+        assert_eq!(behind.status(), None);
+        assert_eq!(f.fw(0).state.lock().early_terminations, 0);
+        // The CSG scheduler's reset work: the group goes off its slot, then is terminated.
+        f.fw(0).evict();
+        f.group().terminate();
         wait(&behind)?;
         assert_eq!(first.status(), Some(Ok(())));
         assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
@@ -857,6 +884,65 @@ mod tests {
         assert_eq!(b.status(), Some(Err(ETIMEDOUT)));
         assert_eq!(f.fw(1).state.lock().sync.status, u32::MAX);
         assert_eq!(f.fw(1).state.lock().resets, 0);
+        Ok(())
+    }
+
+    /// Destroying a group with jobs on its rings takes it off its slot before anything of the
+    /// rings ends (defect 2 of issue 11).
+    #[test]
+    fn destroy_evicts_before_ending_jobs() -> Result {
+        let f = Fixture::new(2, JOB_TIMEOUT)?;
+        f.fw(0).set_paused(true);
+        let a = f.submit(0, CS_ADDR)?;
+        let b = f.submit(1, HANG_ADDR)?;
+        assert!(poll(|| f.fw(1).state.lock().hung));
+        let (fws, live) = f.teardown();
+        assert_eq!(a.status(), Some(Err(ECANCELED)));
+        assert_eq!(b.status(), Some(Err(ECANCELED)));
+        for fw in fws.0.iter() {
+            assert_eq!(fw.state.lock().early_terminations, 0);
+        }
+        assert_eq!(live, 1);
+        Ok(())
+    }
+
+    /// The time a group waits for a CSG slot does not count as a hang (Panthor suspends the
+    /// timeouts of a group that is not resident).
+    #[test]
+    fn timeouts_suspended_while_not_resident() -> Result {
+        let f = Fixture::new(1, Delta::from_millis(50))?;
+        let hung = f.submit(0, HANG_ADDR)?;
+        f.group().suspend_timeouts();
+        fsleep(Delta::from_millis(150));
+        assert_eq!(f.fw(0).state.lock().resets, 0);
+        f.group().resume_timeouts();
+        assert!(poll(|| f.fw(0).state.lock().resets == 1));
+        f.fw(0).evict();
+        f.group().terminate();
+        wait(&hung)?;
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        Ok(())
+    }
+
+    /// A sync-only job writes nothing to the ring and takes no credits: a full ring does not
+    /// hold it back (it still finishes after the jobs before it).
+    #[test]
+    fn sync_only_jobs_take_no_ring_space() -> Result {
+        let f = Fixture::new(1, JOB_TIMEOUT)?;
+        f.fw(0).set_paused(true);
+        let mut dones = KVec::new();
+        for _ in 0..32 {
+            dones.push(f.submit(0, CS_ADDR)?, GFP_KERNEL)?;
+        }
+        let sync = f.submit(0, 0)?;
+        let queue = f.group().queue(0)?;
+        assert!(poll(|| queue.stats().running == 33));
+        assert_eq!(queue.stats().credits_in_use, 512);
+        assert_eq!(sync.status(), None);
+        f.fw(0).set_paused(false);
+        wait(&sync)?;
+        assert!(dones.iter().all(|d| d.status() == Some(Ok(()))));
+        assert_eq!(sync.status(), Some(Ok(())));
         Ok(())
     }
 

@@ -47,6 +47,7 @@ use core::{
 /// #     type Job = ();
 /// #     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> { Ok(DmaFence::stub()) }
 /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction { TimeoutAction::NoHang }
+/// #     fn stop_hardware(&self) {}
 /// # }
 /// let queue = JobQueue::new(Ring, QueueOptions::new(c"example", c"ring", 4, None))?;
 /// let other = FenceContext::new(c"example", c"other");
@@ -83,7 +84,7 @@ pub struct Job<T: Backend> {
 
 impl<T: Backend> Job<T> {
     pub(super) fn new(queue: &Arc<Inner<T>>, credits: u32, payload: T::Job) -> Result<Self> {
-        if credits == 0 || credits > queue.capacity {
+        if (credits == 0 && !queue.allow_zero_credits) || credits > queue.capacity {
             return Err(EINVAL);
         }
         Ok(Self {
@@ -112,6 +113,9 @@ impl<T: Backend> Job<T> {
         if fence.context() == ctx.context() && fence.seqno() > ctx.last_seqno() {
             return Err(EINVAL);
         }
+        // Before the status is trusted: a fence whose `signaled` op polls (a `dma_fence_array`)
+        // can report signalled without its error until signalling is enabled.
+        fence.enable_signaling();
         if let Some(dep) = self
             .deps
             .iter_mut()

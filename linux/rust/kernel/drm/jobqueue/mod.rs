@@ -39,7 +39,8 @@
 //!              timeout: Backend |    |   | stop() / reset                     |
 //!              ::timed_out()    +----+   v                                    v
 //!                                 resubmit, cancel, or continue      retired in process
-//!                                                                    context: credits back,
+//!                                 (now, or at reset_done())          context: credits back
+//!                                                                    and handed on, then
 //!                                                                    payload dropped
 //! ```
 //!
@@ -50,25 +51,52 @@
 //!   only before it starts, handing the job back.
 //! - A done fence signals exactly once: by the hardware fence it follows, or with an error if the
 //!   job never ran (a dependency failed, `run` failed, the queue was torn down or the device is
-//!   gone). Done fences of a queue signal in submission order.
+//!   gone). Done fences of a queue signal in submission order. A job that ends without the
+//!   hardware does not hold back the jobs behind it from running, only their done fences.
 //! - The driver's payload is dropped in process context only, by the queue's work, after the job
-//!   finished: its `Drop` may sleep.
-//! - Dropping the [`JobQueue`] cancels what has not run, waits (bounded by the job timeout) for
-//!   what is on the hardware, removes every callback from foreign fences and waits for its work
-//!   items: a hardware fence signalling later touches nothing of the queue.
+//!   finished and after the credits it took are back and handed on: its `Drop` may sleep, but
+//!   must not wait for fences (the queue's work waits for it).
+//!
+//! # What the hardware may still use
+//!
+//! A running job's done fence signals only through its hardware fence, or after the backend has
+//! told the queue that the hardware will not touch the job again; its payload (its buffers, its
+//! VM) is dropped only after that. The backend says so by returning
+//! [`TimeoutAction::Reset`] or [`TimeoutAction::DeviceGone`] from [`Backend::timed_out`], by
+//! resuming a stopped queue with [`Recovery::Cancel`] or [`Recovery::Resubmit`], and at teardown
+//! by returning from [`Backend::stop_hardware`]. [`TimeoutAction::NoHang`] and
+//! [`Recovery::Continue`] leave the jobs following their hardware fences, and the timeout armed.
+//!
+//! A job whose hardware fence signalled success while the queue was stopped, or while the
+//! backend handled a timeout, has completed: it finishes successfully whatever the recovery,
+//! and is not run again. A hardware fence that signalled an error meanwhile may have been
+//! signalled by the reset itself: the recovery decides.
+//!
+//! Dropping the [`JobQueue`] gives the jobs on the hardware one timeout, all together, to
+//! finish, then calls [`Backend::stop_hardware`], and only then ends the jobs left, in order. It
+//! removes every callback from foreign fences and waits for its work items: a hardware fence
+//! signalling later touches nothing of the queue. The time a queue is stopped does not count
+//! towards a job's timeout.
 //!
 //! # Error, timeout and teardown semantics
+//!
+//! (1): unless the job's hardware fence had signalled success when the queue looked at it again
+//! (at the resume, after [`Backend::timed_out`] or after [`Backend::stop_hardware`]): the job
+//! then finishes `Ok`, without [`Backend::cancelled`].
 //!
 //! | event | done fence | [`Backend::cancelled`] |
 //! |---|---|---|
 //! | hardware fence signals `Ok`/`Err(e)` | `Ok`/`Err(e)` | no |
+//! | it had signalled `Ok`/`Err(e)` when [`Backend::run`] returned it | `Ok`/`Err(e)` | no |
 //! | a dependency signalled `Err(e)` (job not run) | `Err(e)` | yes |
 //! | [`Backend::run`] returned `Err(e)` | `Err(e)` | yes |
-//! | timed out, [`TimeoutAction::Reset`] | `-ETIMEDOUT` | yes |
-//! | on the hardware at a reset with [`Recovery::Cancel`]`(e)` | `Err(e)` | yes |
-//! | [`TimeoutAction::DeviceGone`] | `-ENODEV` | yes |
+//! | timed out: `Reset`, or `ResetLater` then [`JobQueue::reset_done`] (1) | `-ETIMEDOUT` | yes |
+//! | on the hardware at a reset or resume, [`Recovery::Cancel`]`(e)` (1) | `Err(e)` | yes |
+//! | on the hardware at a reset or resume, [`Recovery::Resubmit`] (1) | runs again | - |
+//! | [`TimeoutAction::DeviceGone`], not ended yet (1) | `-ENODEV` | yes |
 //! | not run when the queue is dropped | `-ECANCELED` | yes |
-//! | still running a job timeout after the queue was dropped | `-ETIMEDOUT` | yes |
+//! | ended as in rows 2-4, not signalled when the queue is dropped | as in rows 2-4 | as there |
+//! | on the hardware a timeout into the drop, [`Backend::stop_hardware`] (1) | `-ECANCELED` | yes |
 //!
 //! # Examples
 //!
@@ -98,6 +126,10 @@
 //!
 //!     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
 //!         TimeoutAction::NoHang
+//!     }
+//!
+//!     fn stop_hardware(&self) {
+//!         // Every job completed in `run`: nothing is left on the ring.
 //!     }
 //! }
 //!
@@ -153,14 +185,15 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 
 /// What a driver provides to run the jobs of a [`JobQueue`].
 ///
-/// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items (or its
-/// teardown, and [`Backend::run`] also from [`JobQueue::submit`] in the submitter's context
-/// when the job is next in line), in process context, one at a time per queue, with the queue's
-/// internal lock held and inside a fence signalling critical section
+/// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items
+/// ([`Backend::run`] also from [`JobQueue::submit`] in the submitter's context when the job is
+/// next in line), in process context, one at a time per queue, with the queue's internal lock
+/// held and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue
-/// (submit, stop, drop): the queues share one lock class. [`Backend::cancelled`] is called in
-/// process context without the lock, outside any signalling section.
+/// (submit, stop, drop): the queues share one lock class. [`Backend::cancelled`] and
+/// [`Backend::stop_hardware`] are called in process context without the lock, outside any
+/// signalling section.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///
@@ -176,6 +209,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Called when `job` has been running for longer than the queue's timeout.
     fn timed_out(&self, job: JobRef<'_, Self>) -> TimeoutAction;
+
+    /// Stops the ring for good; called once, when the [`JobQueue`] is dropped.
+    ///
+    /// Teardown first gives the jobs on the hardware one timeout (all together) to finish, then
+    /// calls this, and only then ends the jobs left: their done fences signal `-ECANCELED` and
+    /// their payloads are dropped. So when this returns, the hardware must not touch any job
+    /// of the queue again, and the hardware fences of its jobs have signalled or never will
+    /// (the role of drm_sched's `cancel_job`): take the ring off the hardware, wait for the
+    /// firmware to confirm, or reset it. A ring whose device is gone has nothing to do.
+    ///
+    /// Called in process context, without the queue's lock: it may sleep, but must not wait for
+    /// the done fences of any job queue or call into this one.
+    fn stop_hardware(&self);
 
     /// Called for a job that finishes without the hardware completing it, with the error its
     /// done fence carries (see the table in the [module documentation](self)), just before its
@@ -193,6 +239,12 @@ pub enum TimeoutAction {
     /// The driver reset the ring. The timed-out job's done fence signals `-ETIMEDOUT`; the
     /// other jobs that were on the hardware are recovered as [`Recovery`] says.
     Reset(Recovery),
+    /// The driver resets the ring later, from its own work (for example once the firmware has
+    /// taken the ring's group off its slot): the queue stays stopped, as after
+    /// [`JobQueue::stop`], with the jobs on the hardware detached from their hardware fences,
+    /// until the driver calls [`JobQueue::reset_done`]. Then the timed-out job's done fence
+    /// signals `-ETIMEDOUT` and the others are recovered as that call says.
+    ResetLater,
     /// The device is gone: every job that has not finished is cancelled with `-ENODEV`, and the
     /// queue takes no more jobs.
     DeviceGone,
@@ -201,7 +253,10 @@ pub enum TimeoutAction {
 /// What happens to the jobs that were on the hardware when a queue resumes after a stop or a
 /// reset.
 ///
-/// Jobs whose hardware fence had signalled before the stop finish normally in every case.
+/// Jobs whose hardware fence signalled success before or during the stop (or the handling of a
+/// timeout) finish successfully in every case: they are neither run again nor cancelled. A
+/// hardware fence that signalled an error meanwhile may have been signalled by the reset: the
+/// recovery decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recovery {
     /// Nothing happened to them: keep following their hardware fences.
@@ -223,7 +278,9 @@ pub struct QueueOptions {
     pub capacity: u32,
     /// How long a job may run before [`Backend::timed_out`] is called, counted from when it
     /// started on the hardware: when [`Backend::run`] handed it over, or when the job before it
-    /// finished, whichever is later. [`None`] for no timeout.
+    /// finished, whichever is later, and not while the queue is stopped or its timeout
+    /// suspended. [`None`] for no timeout. Teardown waits at most this long (10 seconds without
+    /// a timeout) for all the jobs on the hardware together.
     pub timeout: Option<Delta>,
     /// The workqueue the queue's work runs on; by default an ordered
     /// [`FenceWorkqueue`](crate::dma_fence::FenceWorkqueue) of its own. Several queues may share
@@ -234,6 +291,16 @@ pub struct QueueOptions {
     /// fences returned by [`Backend::run`] must be of a lower level. [`DONE_FENCE_LEVEL`] by
     /// default.
     pub done_fence_level: u32,
+    /// Whether a job's dependencies on earlier jobs of the same queue are dropped at submission,
+    /// as the ring runs jobs in order anyway (drm_sched does this): the job is then handed to
+    /// the hardware while those jobs still run, and runs even if one of them fails. Only for
+    /// rings that stop on a failed job. `false` by default: such a job waits, and does not run
+    /// if a job it depends on failed.
+    pub pipeline_own_dependencies: bool,
+    /// Whether jobs of 0 credits are allowed: jobs that take no room on the ring, such as
+    /// sync-only jobs that write nothing to it. They still run and finish in order. `false` by
+    /// default: [`JobQueue::new_job`] rejects 0 credits.
+    pub allow_zero_credits: bool,
 }
 
 impl QueueOptions {
@@ -251,6 +318,8 @@ impl QueueOptions {
             timeout,
             workqueue: None,
             done_fence_level: DONE_FENCE_LEVEL,
+            pipeline_own_dependencies: false,
+            allow_zero_credits: false,
         }
     }
 }

@@ -28,9 +28,9 @@ use crate::{
         EnqueueWork,
         FenceCallback,
         FenceWorkqueue,
-        NestedFenceContext, //
+        NestedFenceContext,
         ProxyFence,
-        SignallingSection,
+        SignallingSection, //
     },
     impl_has_delayed_work,
     impl_has_work,
@@ -38,6 +38,10 @@ use crate::{
     rbtree::RBTree,
     sync::{
         aref::ARef,
+        atomic::{
+            ordering,
+            Atomic, //
+        },
         static_lock_class,
         Arc,
         LockClassKey,
@@ -59,6 +63,7 @@ use crate::{
 const RUN: u64 = 1;
 const RETIRE: u64 = 2;
 const TIMEOUT: u64 = 3;
+const FAULT: u64 = 4;
 
 /// Lock class keys and names of every queue.
 ///
@@ -79,11 +84,15 @@ fn timeout_work_class() -> Pin<&'static LockClassKey> {
 fn timeout_timer_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn fault_work_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 static PROC_LOCK_NAME: &CStr = c"drm_jobqueue:proc";
 static RUN_WORK_NAME: &CStr = c"drm_jobqueue:run_work";
 static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
 static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
 static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
+static FAULT_WORK_NAME: &CStr = c"drm_jobqueue:fault_work";
 
 /// How many jobs the run work hands on before it lets go of the lock and queues itself again:
 /// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
@@ -99,15 +108,24 @@ type DepCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RUN>>;
 type RetireCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RETIRE>>;
 
 /// Where a submitted job is in its life.
+///
+/// A job goes through two steps in order: it is *run* (handed to [`Backend::run`], or found not
+/// to run because a dependency failed) when `Proc::next_run` reaches it, and *released* (its done
+/// fence made to follow the hardware fence, or signalled with its outcome) when
+/// `Proc::next_release` reaches it. A job that failed without running does not hold back the
+/// jobs behind it from running; it only holds back their release, so that done fences signal in
+/// order.
 pub(super) enum JobState {
     /// Not handed to the hardware (yet, or again after a reset), with the dependencies it may
-    /// still have to wait for.
+    /// still have to wait for. With an outcome, the job ended without the hardware and waits for
+    /// its release.
     Waiting { deps: KVec<ARef<DmaFence>> },
-    /// Handed to the hardware; `detached` while the queue is stopped.
+    /// Handed to the hardware. `attached` while the done fence follows `hw`: from the release
+    /// until a stop, a timeout or teardown detaches it.
     Running {
         hw: ARef<DmaFence>,
         started: Instant<Monotonic>,
-        detached: bool,
+        attached: bool,
     },
     /// The done fence has signalled, or is about to through its hardware fence.
     Finished,
@@ -116,7 +134,8 @@ pub(super) enum JobState {
 /// How a job ends without its hardware fence.
 #[derive(Clone, Copy)]
 enum Outcome {
-    /// The hardware fence had signalled when `run` returned it.
+    /// The hardware fence had signalled when `run` returned it, or when the job was recovered
+    /// or torn down.
     Completed(Result),
     /// The job was not run or was lost: the done fence gets the error.
     Cancelled(Error),
@@ -140,23 +159,40 @@ pub(super) struct JobNode<T: Backend> {
 type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
 
 /// The state of a queue, behind its mutex.
+///
+/// # Invariants
+///
+/// - `next_release <= next_run`: a job is released only after it ran (or was found not to run).
+/// - `credits_in_use <= capacity`: the sum of the credits of the jobs with `holds_credits`.
 pub(super) struct Proc<T: Backend> {
     /// Every submitted job not retired yet, by the sequence number of its done fence.
     jobs: JobTree<T>,
     /// The first job that may still have to be run.
     next_run: u64,
-    /// The done fence of the last job handed on in order, until it signals: later jobs that end
-    /// without the hardware wait for it, so that done fences signal in order.
+    /// The first job that ran (or ended) but whose done fence was not released yet.
+    next_release: u64,
+    /// The done fence of the last job released to its hardware fence, until it signals: later
+    /// jobs that end without the hardware wait for it, so that done fences signal in order.
     last_released: Option<ARef<DmaFence>>,
     credits_in_use: u32,
     waiting: u32,
     running: u32,
     stopped: u32,
+    /// Stops and timeout suspensions in force: while there are any, the timeout does not fire
+    /// and time does not count towards it.
+    timeout_paused: u32,
+    /// When `timeout_paused` became non-zero.
+    paused_at: Option<Instant<Monotonic>>,
+    /// The timed-out job of a reset the backend completes later ([`TimeoutAction::ResetLater`]).
+    reset_guilty: Option<u64>,
     dead: bool,
     dying: bool,
-    /// Wakes the run work when a dependency (or `last_released`) signals.
+    /// Wakes the run work when the dependency the next job waits for signals.
     dep_cb: Option<Pin<KBox<DepCallback<T>>>>,
-    /// Wakes the retire work when the oldest running job's done fence signals.
+    /// Wakes the run work when what holds back the next release signals (`last_released`, or a
+    /// hardware fence the done fence cannot follow).
+    release_cb: Option<Pin<KBox<DepCallback<T>>>>,
+    /// Wakes the retire work when the oldest job's done fence signals.
     retire_cb: Option<Pin<KBox<RetireCallback<T>>>>,
     /// The retire work is queued or running, or `retire_cb` is armed: the retire work will look
     /// at every job in order without another kick.
@@ -170,6 +206,10 @@ pub(super) struct Inner<T: Backend> {
     name: &'static CStr,
     pub(super) capacity: u32,
     timeout: Option<Delta>,
+    pipeline_own: bool,
+    pub(super) allow_zero_credits: bool,
+    /// A fault asked for a timeout now.
+    fault: Atomic<bool>,
     pub(super) fence_ctx: NestedFenceContext,
     wq: Arc<FenceWorkqueue>,
     #[pin]
@@ -180,11 +220,14 @@ pub(super) struct Inner<T: Backend> {
     retire_work: Work<Inner<T>, RETIRE>,
     #[pin]
     timeout_work: DelayedWork<Inner<T>, TIMEOUT>,
+    #[pin]
+    fault_work: Work<Inner<T>, FAULT>,
 }
 
 impl_has_work! {
     impl{T: Backend} HasWork<Inner<T>, RUN> for Inner<T> { self.run_work }
     impl{T: Backend} HasWork<Inner<T>, RETIRE> for Inner<T> { self.retire_work }
+    impl{T: Backend} HasWork<Inner<T>, FAULT> for Inner<T> { self.fault_work }
 }
 
 impl_has_delayed_work! {
@@ -215,6 +258,14 @@ impl<T: Backend> WorkItem<TIMEOUT> for Inner<T> {
     }
 }
 
+impl<T: Backend> WorkItem<FAULT> for Inner<T> {
+    type Pointer = Arc<Inner<T>>;
+
+    fn run(this: Arc<Inner<T>>) {
+        this.check_timeout();
+    }
+}
+
 /// Signals the done fence of `node` with the error of `outcome`, and marks the job finished.
 fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, outcome: Outcome) {
     let this = node.project();
@@ -230,6 +281,25 @@ fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, o
     this.done.signal(result);
     counters.leave(this.state, *this.credits, this.holds_credits);
     *this.state = JobState::Finished;
+}
+
+/// Ends a running job with `outcome`: now if it was released, otherwise at its release, in
+/// order. Either way its credits come back now: the hardware is done with it.
+fn end<T: Backend>(
+    counters: &mut Counters<'_>,
+    node: Pin<&mut JobNode<T>>,
+    outcome: Outcome,
+    released: bool,
+) {
+    if released {
+        finish(counters, node, outcome);
+        return;
+    }
+    let this = node.project();
+    counters.leave(this.state, *this.credits, this.holds_credits);
+    *counters.waiting += 1;
+    *this.outcome = Some(outcome);
+    *this.state = JobState::Waiting { deps: KVec::new() };
 }
 
 /// Drops the signalled dependencies of a waiting job, keeping the first error, and returns the
@@ -253,10 +323,11 @@ fn next_dependency<T: Backend>(node: Pin<&mut JobNode<T>>) -> Option<ARef<DmaFen
     None
 }
 
-/// Makes the done fence of a job follow the hardware fence `run` returned.
+/// Records what `run` returned for a job.
 ///
-/// Returns [`None`] if the job is now running, or how it ended without the hardware, with the
-/// hardware fence if the hardware was done before `run` returned.
+/// Returns [`None`] if the job is now running (its release makes the done fence follow the
+/// hardware fence), or how it ended without the hardware, with the hardware fence if the
+/// hardware was done before `run` returned.
 fn attach<T: Backend>(
     node: Pin<&mut JobNode<T>>,
     hw: Result<ARef<DmaFence>>,
@@ -269,25 +340,19 @@ fn attach<T: Backend>(
         // Signalled already: the done fence must still wait for the jobs before it.
         return Some((Outcome::Completed(result), Some(hw)));
     }
-    let mut this = node.project();
-    if let Err(e) = this.done.as_mut().follow(hw.clone()) {
-        return Some((Outcome::Cancelled(e), None));
-    }
+    let this = node.project();
     *this.state = JobState::Running {
         hw,
         started: Instant::now(),
-        detached: false,
+        attached: false,
     };
     *this.holds_credits = true;
     None
 }
 
-/// Arms the dependency callback on `fence`; returns `true` if the fence is still pending.
-fn wait_on<T: Backend>(
-    dep_cb: &mut Option<Pin<KBox<DepCallback<T>>>>,
-    fence: ARef<DmaFence>,
-) -> bool {
-    match dep_cb.as_mut() {
+/// Arms `cb` on `fence`; returns `true` if the fence is still pending.
+fn wait_on<T: Backend>(cb: &mut Option<Pin<KBox<DepCallback<T>>>>, fence: ARef<DmaFence>) -> bool {
+    match cb.as_mut() {
         Some(cb) => cb.as_mut().arm(fence) == Armed::Waiting,
         // Only while the queue is dying: stop processing.
         None => true,
@@ -316,6 +381,18 @@ impl Counters<'_> {
     }
 }
 
+/// What one step of the run work did.
+enum Step {
+    /// The next job cannot run yet (or there is none).
+    Blocked,
+    /// The next job was handed to the hardware.
+    Started,
+    /// The next job ended without the hardware.
+    Ended,
+    /// The next job had run already.
+    Skipped,
+}
+
 impl<T: Backend> Proc<T> {
     fn split(&mut self) -> (&mut JobTree<T>, Counters<'_>) {
         (
@@ -332,70 +409,136 @@ impl<T: Backend> Proc<T> {
     fn detach_running(&mut self) {
         for (_, node) in self.jobs.iter_mut() {
             let this = node.as_mut().project();
-            if let JobState::Running { detached, .. } = this.state {
-                if !*detached && this.done.detach() {
-                    *detached = true;
+            if let JobState::Running { attached, .. } = this.state {
+                if *attached && this.done.detach() {
+                    *attached = false;
                 }
             }
         }
     }
 
     /// Recovers the detached running jobs as `recovery` says; `guilty` times out.
+    ///
+    /// A job whose hardware fence signalled success has completed, whatever `recovery` says: it
+    /// is neither run again nor failed. A hardware fence that signalled an error may have been
+    /// signalled by the reset itself: `recovery` decides.
     fn recover(&mut self, recovery: Recovery, guilty: Option<u64>) {
         let mut resubmit_from = None;
+        let next_release = self.next_release;
         let (jobs, mut counters) = self.split();
         for (&seqno, node) in jobs.iter_mut() {
-            let detached_hw = match &node.state {
+            let hw_result = match &node.state {
                 JobState::Running {
-                    hw, detached: true, ..
-                } => hw.clone(),
+                    hw,
+                    attached: false,
+                    ..
+                } => hw.status(),
                 _ => continue,
             };
-            if guilty == Some(seqno) {
-                finish(&mut counters, node.as_mut(), Outcome::Cancelled(ETIMEDOUT));
-                continue;
-            }
-            match recovery {
-                Recovery::Continue => {
-                    let this = node.as_mut().project();
-                    // The hardware fence's level was accepted before, so this cannot fail.
-                    let _ = this.done.follow(detached_hw);
-                    if let JobState::Running { detached, .. } = this.state {
-                        *detached = false;
+            let released = seqno < next_release;
+            let completed = hw_result == Some(Ok(())) && resubmit_from.is_none();
+            let outcome = if completed {
+                Some(Outcome::Completed(Ok(())))
+            } else if guilty == Some(seqno) {
+                Some(Outcome::Cancelled(ETIMEDOUT))
+            } else {
+                match recovery {
+                    Recovery::Continue => {
+                        if released {
+                            node.as_mut().reattach();
+                        }
+                        None
                     }
+                    Recovery::Resubmit => {
+                        let this = node.as_mut().project();
+                        counters.leave(this.state, *this.credits, this.holds_credits);
+                        *counters.waiting += 1;
+                        *this.state = JobState::Waiting { deps: KVec::new() };
+                        resubmit_from.get_or_insert(seqno);
+                        None
+                    }
+                    Recovery::Cancel(e) => Some(Outcome::Cancelled(e)),
                 }
-                Recovery::Resubmit => {
-                    let this = node.as_mut().project();
-                    counters.leave(this.state, *this.credits, this.holds_credits);
-                    *counters.waiting += 1;
-                    *this.state = JobState::Waiting { deps: KVec::new() };
-                    resubmit_from.get_or_insert(seqno);
-                }
-                Recovery::Cancel(e) => finish(&mut counters, node.as_mut(), Outcome::Cancelled(e)),
+            };
+            if let Some(outcome) = outcome {
+                end(&mut counters, node.as_mut(), outcome, released);
             }
         }
         if let Some(seqno) = resubmit_from {
-            // Every job before `seqno` has finished: there is nothing to wait for.
+            // Every released job before `seqno` has signalled: there is nothing to wait for.
+            // INVARIANT: Both cursors move back to at most `seqno`, so `next_release` stays at most
+            // `next_run`.
             self.next_run = self.next_run.min(seqno);
+            self.next_release = self.next_release.min(seqno);
             self.last_released = None;
         }
     }
 
-    /// Cancels every job whose done fence has not signalled, in order, with `error`.
-    fn cancel_all(&mut self, error: Error) {
+    /// Ends every job whose done fence has not signalled, in order: with the outcome it had
+    /// already, successfully if its hardware fence signalled success, or with `error`.
+    ///
+    /// Only called once the hardware will not touch the queue's jobs again.
+    fn finish_all(&mut self, error: Error) {
         self.detach_running();
         let (jobs, mut counters) = self.split();
         for (_, node) in jobs.iter_mut() {
-            let pending = match &node.state {
-                JobState::Waiting { .. } => true,
-                JobState::Running { detached, .. } => *detached,
-                JobState::Finished => false,
+            let outcome = match &node.state {
+                JobState::Waiting { .. } => node.outcome.unwrap_or(Outcome::Cancelled(error)),
+                JobState::Running {
+                    hw,
+                    attached: false,
+                    ..
+                } => match hw.status() {
+                    Some(Ok(())) => Outcome::Completed(Ok(())),
+                    // An error may come from the reset or the stop: `error` says why.
+                    _ => Outcome::Cancelled(error),
+                },
+                JobState::Running { .. } | JobState::Finished => continue,
             };
-            if pending {
-                finish(&mut counters, node.as_mut(), Outcome::Cancelled(error));
-            }
+            finish(&mut counters, node.as_mut(), outcome);
         }
         self.last_released = None;
+    }
+
+    /// Stops the clock of the timeout, for a stop or a suspension of the timeout.
+    fn pause_timeout(&mut self) {
+        if self.timeout_paused == 0 {
+            self.paused_at = Some(Instant::now());
+        }
+        self.timeout_paused += 1;
+    }
+
+    /// Ends a [`Proc::pause_timeout`]; once none is left, shifts the start of the running jobs
+    /// by the time the clock stood still. Returns whether the clock runs again.
+    fn unpause_timeout(&mut self) -> bool {
+        self.timeout_paused = self.timeout_paused.saturating_sub(1);
+        if self.timeout_paused > 0 {
+            return false;
+        }
+        let Some(paused_at) = self.paused_at.take() else {
+            return true;
+        };
+        let paused_for = paused_at.elapsed();
+        for (_, node) in self.jobs.iter_mut() {
+            if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
+                *started = *started + paused_for;
+            }
+        }
+        true
+    }
+}
+
+impl<T: Backend> JobNode<T> {
+    /// Makes the done fence of a released running job follow its hardware fence again.
+    fn reattach(self: Pin<&mut Self>) {
+        let this = self.project();
+        if let JobState::Running { hw, attached, .. } = this.state {
+            // The hardware fence's level was accepted at the release, or it signalled since
+            // (then its level reads 0): this cannot fail.
+            if this.done.follow(hw.clone()).is_ok() {
+                *attached = true;
+            }
+        }
     }
 }
 
@@ -417,7 +560,8 @@ impl<T: Backend> Inner<T> {
             .enqueue_delayed::<Arc<Self>, TIMEOUT>(self.clone(), jiffies);
     }
 
-    /// The run work: hands the jobs whose turn has come to the hardware, in order.
+    /// The run work: hands the jobs whose turn has come to the hardware, in order, and releases
+    /// their done fences, in order.
     fn run_jobs(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
         let mut guard = self.proc.lock();
@@ -428,88 +572,20 @@ impl<T: Backend> Inner<T> {
         let (mut started, mut finished) = (false, false);
         let (mut handled, mut more) = (0, false);
         loop {
+            finished |= self.release_jobs(proc);
             if handled == RUN_BATCH {
                 more = true;
                 break;
             }
-            let seqno = proc.next_run;
-            let Some(node) = proc.jobs.get_mut(&seqno) else {
-                break;
-            };
-            if !matches!(node.state, JobState::Waiting { .. }) {
-                proc.next_run += 1;
-                continue;
-            }
-            if let Some(dep) = next_dependency(node.as_mut()) {
-                if wait_on(&mut proc.dep_cb, dep) {
-                    break;
+            match self.run_one(proc) {
+                Step::Blocked => break,
+                Step::Skipped => {}
+                Step::Started => {
+                    started = true;
+                    handled += 1;
                 }
-                // It signalled meanwhile: look again.
-                continue;
+                Step::Ended => handled += 1,
             }
-            let credits = node.credits;
-            if node.outcome.is_none() {
-                if proc.credits_in_use + credits > self.capacity {
-                    // The retire work kicks us when credits come back.
-                    break;
-                }
-                let hw = self.backend.run(JobRef::new(node.as_mut()));
-                match attach(node.as_mut(), hw) {
-                    None => {
-                        proc.credits_in_use += credits;
-                        proc.waiting -= 1;
-                        proc.running += 1;
-                        if let JobState::Running { hw, .. } = &node.state {
-                            trace::job_run(
-                                self.name,
-                                node.done.fence(),
-                                hw,
-                                proc.waiting,
-                                proc.credits_in_use,
-                            );
-                        }
-                        proc.last_released = Some(node.done.fence().clone());
-                        proc.next_run += 1;
-                        started = true;
-                        handled += 1;
-                        continue;
-                    }
-                    Some((outcome, done_hw)) => {
-                        // The hardware was done before `run` returned: it ran all the same.
-                        if let Some(hw) = done_hw {
-                            trace::job_run(
-                                self.name,
-                                node.done.fence(),
-                                &hw,
-                                proc.waiting,
-                                proc.credits_in_use,
-                            );
-                        }
-                        *node.as_mut().project().outcome = Some(outcome);
-                    }
-                }
-            }
-
-            // The job ends without the hardware: after the jobs before it, in order.
-            if let Some(prev) = proc.last_released.clone() {
-                if !prev.is_signaled() {
-                    if wait_on(&mut proc.dep_cb, prev) {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            let outcome = node.outcome.unwrap_or(Outcome::Cancelled(EINVAL));
-            let mut counters = Counters {
-                credits_in_use: &mut proc.credits_in_use,
-                waiting: &mut proc.waiting,
-                running: &mut proc.running,
-            };
-            finish(&mut counters, node.as_mut(), outcome);
-            proc.last_released = None;
-            proc.next_run += 1;
-            finished = true;
-            handled += 1;
         }
         // The retire work needs a kick for the jobs that started or finished, unless it is busy
         // already: then it gets to them in order.
@@ -530,10 +606,141 @@ impl<T: Backend> Inner<T> {
         }
     }
 
-    /// The retire work: removes finished jobs in order, gives their credits back and drops
-    /// them, in process context.
+    /// Hands the job at `next_run` to the hardware if its dependencies have signalled and the
+    /// ring has room for it.
+    fn run_one(&self, proc: &mut Proc<T>) -> Step {
+        let seqno = proc.next_run;
+        let Some(node) = proc.jobs.get_mut(&seqno) else {
+            return Step::Blocked;
+        };
+        if !matches!(node.state, JobState::Waiting { .. }) {
+            proc.next_run += 1;
+            return Step::Skipped;
+        }
+        if let Some(dep) = next_dependency(node.as_mut()) {
+            if wait_on(&mut proc.dep_cb, dep) {
+                return Step::Blocked;
+            }
+            // It signalled meanwhile: look again.
+            return Step::Skipped;
+        }
+        if node.outcome.is_some() {
+            // A dependency failed, or the job ended before a reset made the queue look at it
+            // again: it does not run.
+            proc.next_run += 1;
+            return Step::Ended;
+        }
+        let credits = node.credits;
+        // INVARIANT: `credits_in_use <= capacity`, so the subtraction does not overflow, and
+        // the job starts only if the sum stays within the capacity.
+        if credits > self.capacity - proc.credits_in_use {
+            // The retire work runs us when credits come back.
+            return Step::Blocked;
+        }
+        let hw = self.backend.run(JobRef::new(node.as_mut()));
+        proc.next_run += 1;
+        match attach(node.as_mut(), hw) {
+            None => {
+                proc.credits_in_use += credits;
+                proc.waiting -= 1;
+                proc.running += 1;
+                if let JobState::Running { hw, .. } = &node.state {
+                    trace::job_run(
+                        self.name,
+                        node.done.fence(),
+                        hw,
+                        proc.waiting,
+                        proc.credits_in_use,
+                    );
+                }
+                Step::Started
+            }
+            Some((outcome, done_hw)) => {
+                // The hardware was done before `run` returned: it ran all the same.
+                if let Some(hw) = done_hw {
+                    trace::job_run(
+                        self.name,
+                        node.done.fence(),
+                        &hw,
+                        proc.waiting,
+                        proc.credits_in_use,
+                    );
+                }
+                *node.as_mut().project().outcome = Some(outcome);
+                Step::Ended
+            }
+        }
+    }
+
+    /// Releases the done fences of the jobs that ran, in order: a running job's done fence
+    /// follows its hardware fence, the done fence of a job that ended without the hardware
+    /// signals once the done fence released before it has. Returns whether a job finished.
+    fn release_jobs(&self, proc: &mut Proc<T>) -> bool {
+        let mut finished = false;
+        // INVARIANT: `next_release` only moves up to `next_run`.
+        while proc.next_release < proc.next_run {
+            let seqno = proc.next_release;
+            let Some(node) = proc.jobs.get_mut(&seqno) else {
+                proc.next_release += 1;
+                continue;
+            };
+            match &node.state {
+                JobState::Running {
+                    hw,
+                    attached: false,
+                    ..
+                } => {
+                    let hw = hw.clone();
+                    let mut this = node.as_mut().project();
+                    if this.done.as_mut().follow(hw.clone()).is_err() {
+                        // A hardware fence of too high a nesting level: the done fence cannot
+                        // follow it from its signalling path. Wait for it here instead; the
+                        // jobs behind wait for their release.
+                        crate::pr_warn_once!(
+                            "drm_jobqueue: {}: hardware fence of too high a nesting level\n",
+                            self.name
+                        );
+                        if wait_on(&mut proc.release_cb, hw) {
+                            break;
+                        }
+                        // It signalled meanwhile (its level now reads 0): follow it.
+                        continue;
+                    }
+                    if let JobState::Running { attached, .. } = this.state {
+                        *attached = true;
+                    }
+                    proc.last_released = Some(this.done.fence().clone());
+                }
+                JobState::Running { .. } | JobState::Finished => {}
+                JobState::Waiting { .. } => {
+                    // The job ended without the hardware: after the jobs before it, in order.
+                    if let Some(prev) = proc.last_released.clone() {
+                        if prev.status().is_none() {
+                            if wait_on(&mut proc.release_cb, prev) {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                    let outcome = node.outcome.unwrap_or(Outcome::Cancelled(EINVAL));
+                    let mut counters = Counters {
+                        credits_in_use: &mut proc.credits_in_use,
+                        waiting: &mut proc.waiting,
+                        running: &mut proc.running,
+                    };
+                    finish(&mut counters, node.as_mut(), outcome);
+                    proc.last_released = None;
+                    finished = true;
+                }
+            }
+            proc.next_release += 1;
+        }
+        finished
+    }
+
+    /// The retire work: removes finished jobs in order, gives their credits back, lets the run
+    /// path use them, and then drops the jobs, in process context.
     fn retire(self: &Arc<Self>) {
-        let mut freed = false;
         let now = Instant::<Monotonic>::now();
         let mut more = true;
         while more {
@@ -551,27 +758,22 @@ impl<T: Backend> Inner<T> {
                         break;
                     };
                     let (_, node) = cursor.current_mut();
-                    let signalled = node.done.fence().is_signaled();
+                    let signalled = node.done.fence().status().is_some();
                     let can_retire = signalled && !matches!(node.state, JobState::Waiting { .. });
                     if !can_retire {
                         let this = node.as_mut().project();
-                        let wait_on = match this.state {
-                            JobState::Running {
-                                started, detached, ..
-                            } => {
-                                // The oldest job runs: it really started when the one before it
-                                // finished, so its timeout counts from `now`, not from when it
-                                // was handed to the ring behind other jobs.
-                                if freed && (*started - now).is_negative() {
-                                    *started = now;
-                                }
-                                (!*detached).then(|| this.done.fence().clone())
+                        if let JobState::Running { started, .. } = this.state {
+                            // The oldest job runs: it really started when the one before it
+                            // finished, so its timeout counts from `now`, not from when it
+                            // was handed to the ring behind other jobs.
+                            if taken > 0 && (*started - now).is_negative() {
+                                *started = now;
                             }
-                            _ => None,
-                        };
+                        }
+                        let fence = this.done.fence().clone();
                         // `cursor` is not used past this point, which ends its borrow of the tree.
                         let mut armed = false;
-                        if let (Some(fence), Some(cb)) = (wait_on, proc.retire_cb.as_mut()) {
+                        if let Some(cb) = proc.retire_cb.as_mut() {
                             if cb.as_mut().arm(fence) == Armed::RanNow {
                                 continue;
                             }
@@ -590,18 +792,29 @@ impl<T: Backend> Inner<T> {
                     counters.leave(this.state, *this.credits, this.holds_credits);
                     *this.state = JobState::Finished;
                     trace::job_done(this.done.fence());
-                    freed = true;
                     batch[taken] = Some(node);
                     taken += 1;
                 }
+            }
+            if taken > 0 {
+                // The credits are back: hand the next jobs to the hardware before the payloads
+                // go, whatever their `Drop` does (it runs on the queue's workqueue, which the run
+                // work may share).
+                self.run_jobs();
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                 self.drop_job(node);
             }
         }
-        if freed {
-            self.kick_run();
-        }
+    }
+
+    /// Returns the hardware fence of the first job on the hardware that has not signalled.
+    fn first_on_hardware(&self) -> Option<ARef<DmaFence>> {
+        let proc = self.proc.lock();
+        proc.jobs.iter().find_map(|(_, node)| match &node.state {
+            JobState::Running { hw, .. } if hw.status().is_none() => Some(hw.clone()),
+            _ => None,
+        })
     }
 
     /// Calls the cancelled hook if needed and drops a retired job, without the lock held.
@@ -612,39 +825,52 @@ impl<T: Backend> Inner<T> {
         drop(node);
     }
 
-    /// The timeout work: calls the backend for the oldest running job once it ran too long.
+    /// Returns the oldest job on the hardware whose hardware fence has not signalled, and when
+    /// it started: when it was handed to the hardware, or when the job before it finished on
+    /// the hardware, whichever is later. The retire work records the latter, but on a workqueue
+    /// that is not ordered the timeout work can get here first.
+    fn oldest_running(proc: &Proc<T>) -> Option<(u64, Instant<Monotonic>)> {
+        let mut previous_end: Option<Instant<Monotonic>> = None;
+        for (&seqno, node) in proc.jobs.iter() {
+            match &node.state {
+                JobState::Running { hw, started, .. } if hw.status().is_none() => {
+                    let start = match previous_end {
+                        Some(end) if (*started - end).is_negative() => end,
+                        _ => *started,
+                    };
+                    return Some((seqno, start));
+                }
+                JobState::Running { hw, .. } => previous_end = hw.timestamp(),
+                _ => previous_end = node.done.fence().timestamp(),
+            }
+        }
+        None
+    }
+
+    /// The timeout and fault work: calls the backend for the oldest running job once it ran too
+    /// long, or at once after a fault.
     fn check_timeout(self: &Arc<Self>) {
-        let Some(timeout) = self.timeout else {
-            return;
-        };
         let _section = SignallingSection::begin();
         let mut guard = self.proc.lock();
         let proc = &mut *guard;
+        let fault = self.fault.xchg(false, ordering::Relaxed);
         if proc.stopped > 0 || proc.dead || proc.dying {
             return;
         }
-        let mut oldest = None;
-        for (&seqno, node) in proc.jobs.iter_mut() {
-            if let JobState::Running {
-                started,
-                detached: false,
-                ..
-            } = &node.state
-            {
-                if !node.done.fence().is_signaled() {
-                    oldest = Some((seqno, *started));
-                    break;
-                }
-            }
+        if !fault && (proc.timeout_paused > 0 || self.timeout.is_none()) {
+            return;
         }
-        let Some((seqno, started)) = oldest else {
+        let Some((seqno, started)) = Self::oldest_running(proc) else {
             return;
         };
-        let elapsed = started.elapsed();
-        if elapsed < timeout {
-            drop(guard);
-            self.arm_timeout(timeout - elapsed);
-            return;
+        if !fault {
+            let timeout = self.timeout.unwrap_or(Delta::ZERO);
+            let elapsed = started.elapsed();
+            if elapsed < timeout {
+                drop(guard);
+                self.arm_timeout(timeout - elapsed);
+                return;
+            }
         }
         // Detach first: the backend may signal the hardware fences while it resets the ring.
         proc.detach_running();
@@ -659,21 +885,47 @@ impl<T: Backend> Inner<T> {
                     *started = Instant::now();
                 }
                 proc.recover(Recovery::Continue, None);
-                drop(guard);
-                self.arm_timeout(timeout);
             }
-            TimeoutAction::Reset(recovery) => {
-                proc.recover(recovery, Some(seqno));
+            TimeoutAction::Reset(recovery) => proc.recover(recovery, Some(seqno)),
+            TimeoutAction::ResetLater => {
+                // Stopped, as by `JobQueue::stop`, until `JobQueue::reset_done`.
+                proc.stopped += 1;
+                proc.pause_timeout();
+                proc.reset_guilty = Some(seqno);
                 drop(guard);
-                self.kick_run();
-                self.kick_retire();
+                trace::queue_stop(self.name, self.fence_ctx.context());
+                return;
             }
             TimeoutAction::DeviceGone => {
                 proc.dead = true;
-                proc.cancel_all(ENODEV);
-                drop(guard);
-                self.kick_retire();
+                proc.finish_all(ENODEV);
             }
+        }
+        // Every job left on the hardware is watched again.
+        let rearm = proc.running > 0;
+        drop(guard);
+        self.kick_run();
+        self.kick_retire();
+        if let (true, Some(timeout)) = (rearm, self.timeout) {
+            self.arm_timeout(timeout);
+        }
+    }
+
+    /// Resumes after a stop: recovers the jobs that were on the hardware and restarts the run,
+    /// retire and timeout work.
+    fn resume(self: &Arc<Self>, recovery: Recovery, guilty: Option<u64>) {
+        {
+            let _section = SignallingSection::begin();
+            let mut proc = self.proc.lock();
+            proc.recover(recovery, guilty);
+            proc.stopped -= 1;
+            proc.unpause_timeout();
+        }
+        trace::queue_start(self.name, self.fence_ctx.context(), recovery);
+        self.kick_run();
+        self.kick_retire();
+        if let Some(timeout) = self.timeout {
+            self.arm_timeout(timeout);
         }
     }
 }
@@ -741,19 +993,27 @@ impl<T: Backend> JobQueue<T> {
                 name: options.name,
                 capacity: options.capacity,
                 timeout: options.timeout,
+                pipeline_own: options.pipeline_own_dependencies,
+                allow_zero_credits: options.allow_zero_credits,
+                fault: Atomic::new(false),
                 fence_ctx,
                 wq: inner_wq,
                 proc <- Mutex::new(Proc {
                     jobs: RBTree::new(),
                     next_run: 1,
+                    next_release: 1,
                     last_released: None,
                     credits_in_use: 0,
                     waiting: 0,
                     running: 0,
                     stopped: 0,
+                    timeout_paused: 0,
+                    paused_at: None,
+                    reset_guilty: None,
                     dead: false,
                     dying: false,
                     dep_cb: None,
+                    release_cb: None,
                     retire_cb: None,
                     retire_busy: false,
                 }, PROC_LOCK_NAME, proc_lock_class()),
@@ -765,11 +1025,16 @@ impl<T: Backend> JobQueue<T> {
                     TIMEOUT_TIMER_NAME,
                     timeout_timer_class(),
                 ),
+                fault_work <- Work::new(FAULT_WORK_NAME, fault_work_class()),
             }),
             GFP_KERNEL,
         )?;
         // The callbacks hold references to `inner`: teardown drops them to break the cycle.
         let dep_cb = KBox::pin_init(
+            FenceCallback::new(EnqueueWork::new(wq.clone(), inner.clone())),
+            GFP_KERNEL,
+        )?;
+        let release_cb = KBox::pin_init(
             FenceCallback::new(EnqueueWork::new(wq.clone(), inner.clone())),
             GFP_KERNEL,
         )?;
@@ -780,6 +1045,7 @@ impl<T: Backend> JobQueue<T> {
         {
             let mut proc = inner.proc.lock();
             proc.dep_cb = Some(dep_cb);
+            proc.release_cb = Some(release_cb);
             proc.retire_cb = Some(retire_cb);
         }
         Ok(Self { inner })
@@ -787,8 +1053,9 @@ impl<T: Backend> JobQueue<T> {
 
     /// Creates a job taking `credits` on the ring, with the driver's `payload`.
     ///
-    /// Allocates everything the job needs in the queue. Fails with `EINVAL` if `credits` is 0 or
-    /// above the queue's capacity, and with `ENOMEM`.
+    /// Allocates everything the job needs in the queue. Fails with `EINVAL` if `credits` is above
+    /// the queue's capacity, or 0 without [`QueueOptions::allow_zero_credits`], and with
+    /// `ENOMEM`.
     pub fn new_job(&self, credits: u32, payload: T::Job) -> Result<Job<T>> {
         Job::new(&self.inner, credits, payload)
     }
@@ -819,7 +1086,9 @@ impl<T: Backend> JobQueue<T> {
             reservation,
         } = job;
         // Point of no return: the done fence exists from here on.
-        deps.retain(|d| d.status() != Some(Ok(())));
+        let own = self.inner.fence_ctx.context();
+        let pipeline_own = self.inner.pipeline_own;
+        deps.retain(|d| d.status() != Some(Ok(())) && !(pipeline_own && d.context() == own));
         let done = self.inner.fence_ctx.init_fence(fence);
         let seqno = done.seqno();
         let done_ref = done.to_aref();
@@ -868,6 +1137,7 @@ impl<T: Backend> JobQueue<T> {
     pub fn stop(&self) -> StoppedQueue<'_, T> {
         let mut proc = self.inner.proc.lock();
         proc.stopped += 1;
+        proc.pause_timeout();
         proc.detach_running();
         drop(proc);
         trace::queue_stop(self.inner.name, self.context());
@@ -875,6 +1145,48 @@ impl<T: Backend> JobQueue<T> {
             queue: self,
             resumed: false,
         }
+    }
+
+    /// Completes a reset that [`Backend::timed_out`] left to the driver
+    /// ([`TimeoutAction::ResetLater`]), recovering the jobs that were on the hardware as
+    /// `recovery` says; the timed-out job's done fence signals `-ETIMEDOUT` (unless its hardware
+    /// fence signalled success meanwhile).
+    ///
+    /// Call it from the driver's reset work once the hardware no longer runs the ring (or runs
+    /// it again, for [`Recovery::Continue`]). Fails with `EINVAL` if no such reset is pending.
+    /// Sleeps; must not be called from a [`Backend`] method.
+    pub fn reset_done(&self, recovery: Recovery) -> Result {
+        let guilty = self.inner.proc.lock().reset_guilty.take().ok_or(EINVAL)?;
+        self.inner.resume(recovery, Some(guilty));
+        Ok(())
+    }
+
+    /// Suspends the timeout, for example while the ring's group is not resident on a firmware
+    /// slot (drm_sched's `drm_sched_suspend_timeout()`): until [`JobQueue::resume_timeout`], no
+    /// timeout fires and the time does not count towards any job's timeout. Suspensions nest.
+    pub fn suspend_timeout(&self) {
+        self.inner.proc.lock().pause_timeout();
+    }
+
+    /// Ends a [`JobQueue::suspend_timeout`] (drm_sched's `drm_sched_resume_timeout()`).
+    pub fn resume_timeout(&self) {
+        let runs = self.inner.proc.lock().unpause_timeout();
+        if let (true, Some(timeout)) = (runs, self.inner.timeout) {
+            self.inner.arm_timeout(timeout);
+        }
+    }
+
+    /// Handles the oldest job on the hardware as timed out now, for example from a fault
+    /// interrupt (drm_sched's `drm_sched_fault()`): [`Backend::timed_out`] is called for it from
+    /// the queue's work, even if the timeout is suspended or the queue has none. Does nothing
+    /// while the queue is stopped. Can be called from any context.
+    pub fn fault(&self) {
+        self.inner.fault.store(true, ordering::Relaxed);
+        let _ = self
+            .inner
+            .wq
+            .queue()
+            .enqueue::<Arc<Inner<T>>, FAULT>(self.inner.clone());
     }
 
     /// Returns the queue's counters.
@@ -896,54 +1208,6 @@ impl<T: Backend> JobQueue<T> {
     pub fn backend(&self) -> &T {
         &self.inner.backend
     }
-
-    /// Waits for the running job with the lowest sequence number, bounded by `limit`.
-    ///
-    /// Returns `false` when no job is running.
-    fn teardown_wait_one(&self, limit: Delta) -> bool {
-        let next = {
-            let proc = self.inner.proc.lock();
-            proc.jobs
-                .iter()
-                .find_map(|(&seqno, node)| match &node.state {
-                    JobState::Running {
-                        detached: false, ..
-                    } if !node.done.fence().is_signaled() => {
-                        Some((seqno, node.done.fence().clone()))
-                    }
-                    _ => None,
-                })
-        };
-        let Some((seqno, done)) = next else {
-            return false;
-        };
-        if done.wait_uninterruptible_timeout(limit).is_ok() {
-            return true;
-        }
-        // Still running a timeout later: the backend gets a say, then the job is cut loose.
-        let _section = SignallingSection::begin();
-        let mut guard = self.inner.proc.lock();
-        let proc = &mut *guard;
-        proc.detach_running();
-        let Some(node) = proc.jobs.get_mut(&seqno) else {
-            return true;
-        };
-        let action = self.inner.backend.timed_out(JobRef::new(node.as_mut()));
-        trace::job_timeout(self.inner.name, node.done.fence(), action);
-        match action {
-            TimeoutAction::DeviceGone => {
-                proc.dead = true;
-                proc.cancel_all(ENODEV);
-            }
-            TimeoutAction::Reset(_) => {
-                proc.recover(Recovery::Cancel(ECANCELED), Some(seqno));
-            }
-            TimeoutAction::NoHang => {
-                proc.recover(Recovery::Continue, Some(seqno));
-            }
-        }
-        true
-    }
 }
 
 impl<T: Backend> Drop for JobQueue<T> {
@@ -951,23 +1215,33 @@ impl<T: Backend> Drop for JobQueue<T> {
         let inner = &self.inner;
         // No more work: the run and timeout work return early from now on, and no dependency
         // wakes them.
-        let dep_cb = {
+        let (dep_cb, release_cb) = {
             let mut proc = inner.proc.lock();
             proc.dying = true;
-            proc.dep_cb.take()
+            (proc.dep_cb.take(), proc.release_cb.take())
         };
         drop(dep_cb);
+        drop(release_cb);
         inner.run_work.flush();
         inner.timeout_work.flush();
+        inner.fault_work.flush();
 
-        // Jobs on the hardware: each gets a timeout to finish.
+        // The jobs on the hardware get one timeout, all together, to finish.
         let limit = inner.timeout.unwrap_or(TEARDOWN_TIMEOUT);
-        while self.teardown_wait_one(limit) {}
+        let start = Instant::<Monotonic>::now();
+        while let Some(hw) = inner.first_on_hardware() {
+            let elapsed = start.elapsed();
+            if elapsed >= limit || hw.wait_uninterruptible_timeout(limit - elapsed).is_err() {
+                break;
+            }
+        }
 
-        // Everything that has not run is cancelled, in order.
+        // Then the backend stops the ring for good: the hardware fences that have not signalled
+        // never will, and the jobs can end.
+        inner.backend.stop_hardware();
         {
             let _section = SignallingSection::begin();
-            inner.proc.lock().cancel_all(ECANCELED);
+            inner.proc.lock().finish_all(ECANCELED);
         }
 
         // Retire everything, then stop the retire work for good.
@@ -1008,19 +1282,7 @@ impl<T: Backend> StoppedQueue<'_, T> {
             return;
         }
         self.resumed = true;
-        let inner = &self.queue.inner;
-        {
-            let _section = SignallingSection::begin();
-            let mut proc = inner.proc.lock();
-            proc.recover(recovery, None);
-            proc.stopped -= 1;
-        }
-        trace::queue_start(inner.name, inner.fence_ctx.context(), recovery);
-        inner.kick_run();
-        inner.kick_retire();
-        if let Some(timeout) = inner.timeout {
-            inner.arm_timeout(timeout);
-        }
+        self.queue.inner.resume(recovery, None);
     }
 }
 

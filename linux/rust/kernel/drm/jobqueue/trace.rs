@@ -148,6 +148,7 @@ pub(super) fn job_timeout(name: &CStr, done: &DmaFence, action: TimeoutAction) {
         TimeoutAction::Reset(Recovery::Continue) => c"reset, continue",
         TimeoutAction::Reset(Recovery::Resubmit) => c"reset, resubmit",
         TimeoutAction::Reset(Recovery::Cancel(_)) => c"reset, cancel",
+        TimeoutAction::ResetLater => c"reset later",
         TimeoutAction::DeviceGone => c"device gone",
     };
     // SAFETY: `name` and `action` are valid strings.
