@@ -52,7 +52,10 @@ impl kernel::Module for FenceLeak {
         let ctx = FenceContext::new(c"fence_leak", c"leaked");
 
         let forgotten = ctx.new_fence(GFP_KERNEL)?;
-        FORGOTTEN.store(ptr::from_ref::<DmaFence>(&forgotten).cast_mut(), Ordering::Relaxed);
+        FORGOTTEN.store(
+            ptr::from_ref::<DmaFence>(&forgotten).cast_mut(),
+            Ordering::Relaxed,
+        );
         core::mem::forget(forgotten);
 
         let leaked = KBox::leak(KBox::new(ctx.new_fence(GFP_KERNEL)?, GFP_KERNEL)?);
