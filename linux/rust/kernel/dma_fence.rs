@@ -115,6 +115,7 @@ use crate::{
             Atomic, //
         },
         Arc,
+        ArcBorrow,
         Completion,
         LockClassKey, //
     },
@@ -1380,7 +1381,7 @@ impl core::ops::Deref for FenceWorkqueue {
 ///     EnqueueWork, FenceCallback, FenceContext, FenceWorkqueue, SignallingSection,
 ///     SignallingWorkItem, UniqueFence,
 /// };
-/// use kernel::sync::{Arc, SpinLock};
+/// use kernel::sync::{Arc, ArcBorrow, SpinLock};
 /// use kernel::workqueue::{impl_has_work, new_work, Work};
 /// use kernel::{new_spinlock, sync::aref::ARef};
 ///
@@ -1398,7 +1399,7 @@ impl core::ops::Deref for FenceWorkqueue {
 /// }
 ///
 /// impl SignallingWorkItem for Relay {
-///     fn run(this: Arc<Relay>, _section: &SignallingSection) {
+///     fn run(this: ArcBorrow<'_, Relay>, _section: &SignallingSection) {
 ///         if let Some(fence) = this.out.lock().take() {
 ///             fence.signal(Ok(()));
 ///         }
@@ -1421,7 +1422,10 @@ impl core::ops::Deref for FenceWorkqueue {
 /// ```
 pub trait SignallingWorkItem<const ID: u64 = 0>: Sized {
     /// Does the work, inside `section`.
-    fn run(this: Arc<Self>, section: &SignallingSection);
+    ///
+    /// The work item's reference is dropped after the section ended, so that the last reference
+    /// to a driver's object is never dropped inside it.
+    fn run(this: ArcBorrow<'_, Self>, section: &SignallingSection);
 }
 
 impl<T, const ID: u64> WorkItem<ID> for T
@@ -1431,8 +1435,11 @@ where
     type Pointer = Arc<T>;
 
     fn run(this: Arc<T>) {
-        let section = SignallingSection::begin();
-        <T as SignallingWorkItem<ID>>::run(this, &section);
+        {
+            let section = SignallingSection::begin();
+            <T as SignallingWorkItem<ID>>::run(this.as_arc_borrow(), &section);
+        }
+        drop(this);
     }
 }
 
@@ -2465,7 +2472,7 @@ mod tests {
     }
 
     impl SignallingWorkItem for SectionProbe {
-        fn run(this: Arc<SectionProbe>, _section: &SignallingSection) {
+        fn run(this: ArcBorrow<'_, SectionProbe>, _section: &SignallingSection) {
             // The cookie of a section begun inside another one says so.
             let inner = SignallingSection::begin();
             this.nested

@@ -1185,7 +1185,6 @@ impl<T: Backend> JobQueue<T> {
         let _ = self
             .inner
             .wq
-            .queue()
             .enqueue::<Arc<Inner<T>>, FAULT>(self.inner.clone());
     }
 
