@@ -983,12 +983,15 @@ unsafe extern "C" fn fence_callback(
 ) {
     // CAST: `cb` is the first field of the `repr(C)` `CallbackHeader`.
     let header = cb.cast::<CallbackHeader>();
-    // SAFETY: By the safety requirements `header` points to a valid `CallbackHeader`; `arm` wrote
-    // `run` and `owner` before it linked `cb` under the fence lock, which this runs under.
+    // SAFETY: By the safety requirements `header` points to a valid `CallbackHeader`. `new` wrote
+    // `run` and `owner`, which never change, before `arm` could link `cb`; `arm` linked it under
+    // the fence lock, which this runs under, so the writes are visible here.
     let (run, owner) = unsafe { ((*header).run, (*header).owner) };
-    // SAFETY: The fence is valid and has signalled: the signaller wrote `error` before it set the
-    // signalled bit, on this thread, under the fence lock that is still held, and nobody writes it
-    // afterwards. The read is therefore ordered after the write and races with no writer.
+    // SAFETY: The fence is valid and has signalled, and this runs on the signalling thread with
+    // the fence lock still held. The error was written before the signal: by this module on this
+    // thread under the same lock (`signal_raw`), or by a C producer, which dma-fence.h requires to
+    // call `dma_fence_set_error()` before it signals. Nobody writes it afterwards, so the read
+    // races with no writer.
     let result = error_to_result(unsafe { (*fence).error });
     // SAFETY: `run` belongs to the callback `header` starts, by the invariants of `FenceCallback`,
     // and the callback stays valid until it returns: its owner can only free it after
