@@ -2069,13 +2069,14 @@ mod tests {
         Ok(())
     }
 
-    /// Signals a fence from a work item, on another CPU when there is one.
+    /// Signals a fence with its result from a work item, on another CPU when there is one, once
+    /// `go` is set.
     #[pin_data]
     struct RemoteSignaller {
         #[pin]
         work: Work<RemoteSignaller>,
         #[pin]
-        fence: SpinLockIrq<Option<UniqueFence>>,
+        fence: SpinLockIrq<Option<(UniqueFence, Result)>>,
         started: Atomic<bool>,
         go: Atomic<bool>,
     }
@@ -2093,8 +2094,8 @@ mod tests {
                 crate::processor::cpu_relax();
             }
             let taken = this.fence.lock().take();
-            if let Some(fence) = taken {
-                fence.signal(Ok(()));
+            if let Some((fence, result)) = taken {
+                fence.signal(result);
             }
         }
     }
@@ -2149,7 +2150,7 @@ mod tests {
                 drop(timer);
             } else {
                 // Signal from a worker spinning on another CPU.
-                *remote.fence.lock() = Some(fence);
+                *remote.fence.lock() = Some((fence, Ok(())));
                 remote.started.store(false, ordering::Relaxed);
                 remote.go.store(false, ordering::Relaxed);
                 let _ = workqueue::system_dfl().enqueue(remote.clone());
@@ -2362,32 +2363,6 @@ mod tests {
         assert_eq!(error_to_result(-100_000), Err(EINVAL));
     }
 
-    /// Signals a fence with an error from a work item spinning on another CPU.
-    #[pin_data]
-    struct ErrorSignaller {
-        #[pin]
-        work: Work<ErrorSignaller>,
-        #[pin]
-        fence: SpinLockIrq<Option<UniqueFence>>,
-        started: Atomic<bool>,
-    }
-
-    impl_has_work! {
-        impl HasWork<Self> for ErrorSignaller { self.work }
-    }
-
-    impl WorkItem for ErrorSignaller {
-        type Pointer = Arc<ErrorSignaller>;
-
-        fn run(this: Arc<ErrorSignaller>) {
-            this.started.store(true, ordering::Release);
-            let taken = this.fence.lock().take();
-            if let Some(fence) = taken {
-                fence.signal(Err(EIO));
-            }
-        }
-    }
-
     /// Issue 10, defect 1: a proxy that follows a source while the source signals an error on
     /// another CPU must carry the error, whether `follow` found the source pending or signalled.
     #[test]
@@ -2395,10 +2370,12 @@ mod tests {
         const ITERATIONS: u32 = 2000;
         let level1 = nested(1)?;
         let signaller = Arc::pin_init(
-            pin_init!(ErrorSignaller {
-                work <- new_work!("dma_fence_test::ErrorSignaller"),
+            pin_init!(RemoteSignaller {
+                work <- new_work!("dma_fence_test::RemoteSignaller"),
                 fence <- new_spinlock_irq!(None),
                 started: Atomic::new(false),
+                // It signals as soon as it runs.
+                go: Atomic::new(true),
             }),
             GFP_KERNEL,
         )?;
@@ -2408,7 +2385,7 @@ mod tests {
             let view = source.to_aref();
             let mut proxy =
                 KBox::pin_init(ProxyFence::new(level1.new_fence(GFP_KERNEL)?), GFP_KERNEL)?;
-            *signaller.fence.lock() = Some(source);
+            *signaller.fence.lock() = Some((source, Err(EIO)));
             signaller.started.store(false, ordering::Relaxed);
             let _ = workqueue::system_dfl().enqueue(signaller.clone());
             while !signaller.started.load(ordering::Acquire) {
