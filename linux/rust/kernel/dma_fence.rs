@@ -178,18 +178,46 @@ static LOCK_NAMES: [&CStr; LEVELS] = [
 /// kept as thin pointers: a `&CStr` is twice the size, and with two of them the fence would take
 /// the next kmalloc size (128 bytes instead of 96 without lockdep).
 ///
+/// The nesting level is kept in three of the flag bits that `struct dma_fence` leaves to its
+/// producer (from `DMA_FENCE_FLAG_USER_BITS`), for the same reason.
+///
 /// # Invariants
 ///
 /// - `driver_name` and `timeline_name` point to NUL-terminated strings of `'static` lifetime, in
 ///   vmlinux or in the memory of the module `owner`.
 /// - `owner` is null, or a module on which the fence holds a reference until it has signalled.
+/// - The bits [`LEVEL_SHIFT`] to [`LEVEL_SHIFT`] + 2 of `base.flags` hold the nesting level of the
+///   fence's context; they were written before the fence could be shared and never change.
+/// - `deadline` is null, or points to the [`DeadlineSlot`] of the live [`ProxyFence`] that drives
+///   the fence. It is only read and written under the fence's lock.
 #[repr(C)]
 struct RawFence {
     base: Opaque<bindings::dma_fence>,
     driver_name: *const c_char,
     timeline_name: *const c_char,
     owner: *mut bindings::module,
-    level: u32,
+    deadline: *mut DeadlineSlot,
+}
+
+/// The first flag bit of a [`RawFence`]'s nesting level.
+const LEVEL_SHIFT: u32 = bindings::dma_fence_flag_bits_DMA_FENCE_FLAG_USER_BITS;
+/// The flag bits of a [`RawFence`]'s nesting level, once shifted down.
+const LEVEL_MASK: usize = 0b111;
+static_assert!(MAX_NESTING_LEVEL as usize <= LEVEL_MASK);
+
+/// Returns the nesting level of a fence created here.
+///
+/// # Safety
+///
+/// `fence` must point to a valid fence created by [`FenceContext::init_fence`].
+unsafe fn raw_level(fence: *mut bindings::dma_fence) -> u32 {
+    // SAFETY: The caller guarantees that `fence` is valid; `flags` is an `unsigned long`, the size
+    // and alignment of `usize`, that the C side only changes with atomic bit operations once the
+    // fence is shared, so an atomic load races with nothing.
+    let flags = unsafe { Atomic::<usize>::from_ptr(ptr::addr_of_mut!((*fence).flags).cast()) }
+        .load(ordering::Relaxed);
+    // By the invariants of `RawFence` these bits hold the level, which is at most `LEVEL_MASK`.
+    ((flags >> LEVEL_SHIFT) & LEVEL_MASK) as u32
 }
 
 /// The operations of every fence created here.
@@ -204,7 +232,7 @@ static FENCE_OPS: bindings::dma_fence_ops = bindings::dma_fence_ops {
     signaled: None,
     wait: None,
     release: None,
-    set_deadline: None,
+    set_deadline: Some(fence_set_deadline),
 };
 
 /// # Safety
@@ -223,6 +251,54 @@ unsafe extern "C" fn fence_driver_name(fence: *mut bindings::dma_fence) -> *cons
 unsafe extern "C" fn fence_timeline_name(fence: *mut bindings::dma_fence) -> *const c_char {
     // SAFETY: As in `fence_driver_name`.
     unsafe { (*fence.cast::<RawFence>()).timeline_name }
+}
+
+/// The `set_deadline` operation: records the deadline in the [`ProxyFence`] that drives the
+/// fence, if any and if it is earlier than the one it has, runs the proxy's deadline hook, and
+/// passes the deadline on to the proxy's source, as drm_sched's finished fence does with its
+/// parent. A fence no proxy drives ignores deadlines.
+///
+/// Called by `dma_fence_set_deadline()` in any context, inside an RCU read-side critical section
+/// and without the fence lock, possibly after the fence signalled.
+///
+/// # Safety
+///
+/// `fence` must be a valid fence that uses [`FENCE_OPS`].
+unsafe extern "C" fn fence_set_deadline(
+    fence: *mut bindings::dma_fence,
+    deadline: bindings::ktime_t,
+) {
+    let raw = fence.cast::<RawFence>();
+    // SAFETY: The caller guarantees that `fence` is valid, and it is the `base` of a `RawFence`.
+    // By its invariants `deadline` is read under the fence lock, and while we hold the lock the
+    // slot it points to is alive: the proxy clears the pointer under this lock before it goes.
+    // The slot's fields are only accessed under the same lock, so these accesses race with
+    // nothing. The proxy's callback holds a reference on `source` while it is in the slot (the
+    // proxy clears it first, under this lock, whenever it lets go of its source), so it is valid
+    // here and `dma_fence_get()` keeps it valid past the unlock. `notify` is the hook of the
+    // proxy, whose module the slot pins, and a callback kind may run with a fence lock held.
+    let source = unsafe {
+        let flags = bindings::dma_fence_lock_irqsave(fence);
+        let slot = (*raw).deadline;
+        let mut source = ptr::null_mut();
+        if !slot.is_null() && deadline < (*slot).deadline {
+            (*slot).deadline = deadline;
+            if !(*slot).source.is_null() {
+                source = bindings::dma_fence_get((*slot).source);
+            }
+            ((*slot).notify)(slot);
+        }
+        bindings::dma_fence_unlock_irqrestore(fence, flags);
+        source
+    };
+    if !source.is_null() {
+        // SAFETY: We own the reference taken above; `dma_fence_set_deadline()` may be called
+        // from any context, and `dma_fence_put()` from any context a fence signals in.
+        unsafe {
+            bindings::dma_fence_set_deadline(source, deadline);
+            bindings::dma_fence_put(source);
+        }
+    }
 }
 
 /// Converts the `error` field of a signalled fence into a [`Result`].
@@ -436,6 +512,15 @@ impl DmaFence {
         unsafe { bindings::dma_fence_enable_signaling(self.as_raw()) }
     }
 
+    /// Tells the fence's producer that a waiter would like it to signal by `deadline`
+    /// (`dma_fence_set_deadline()`): a hint, which the producer may use to raise clocks or
+    /// choose what runs first, or ignore. Can be called from any context.
+    pub fn set_deadline(&self, deadline: Instant<Monotonic>) {
+        // SAFETY: By the type invariants the fence is valid. `dma_fence_set_deadline()` can be
+        // called from any context.
+        unsafe { bindings::dma_fence_set_deadline(self.as_raw(), deadline.as_nanos()) };
+    }
+
     fn wait_raw(&self, interruptible: bool, timeout: Option<Delta>) -> Result {
         let jiffies = match timeout {
             None => crate::task::MAX_SCHEDULE_TIMEOUT,
@@ -499,9 +584,9 @@ impl DmaFence {
         // dereferenced, so it needs no RCU protection.
         let ops = unsafe { ptr::read_volatile(ptr::addr_of!((*self.as_raw()).ops)) };
         if ptr::eq(ops, &FENCE_OPS) {
-            // SAFETY: Fences that use `FENCE_OPS` are the `base` of a `RawFence`; `level` is never
-            // written after initialisation and the memory lives as long as the fence.
-            unsafe { (*self.as_raw().cast::<RawFence>()).level }
+            // SAFETY: Fences that use `FENCE_OPS` were created by `FenceContext::init_fence`, and
+            // by the type invariants this one is valid.
+            unsafe { raw_level(self.as_raw()) }
         } else {
             0
         }
@@ -649,14 +734,17 @@ impl FenceContext {
         // before `dma_fence_init64()`, which may already read them (trace point). The memory comes
         // from kmalloc, so the C side can free it with `dma_fence_free()`. The lock class key is
         // static and the lock was just initialised by `dma_fence_init64()`, before any use.
-        // INVARIANT: The names come from `&'static CStr`s held by `self.owner` or vmlinux, and the
-        // fence holds the reference on `self.owner` just taken.
+        // INVARIANT: The names come from `&'static CStr`s held by `self.owner` or vmlinux, the
+        // fence holds the reference on `self.owner` just taken, its level bits are set before it
+        // is shared, and no proxy drives it yet.
         unsafe {
             ptr::addr_of_mut!((*raw).driver_name).write(self.driver_name.as_char_ptr());
             ptr::addr_of_mut!((*raw).timeline_name).write(self.timeline_name.as_char_ptr());
             ptr::addr_of_mut!((*raw).owner).write(self.owner);
-            ptr::addr_of_mut!((*raw).level).write(self.level);
+            ptr::addr_of_mut!((*raw).deadline).write(ptr::null_mut());
             bindings::dma_fence_init64(fence, &FENCE_OPS, ptr::null_mut(), self.context, seqno);
+            // Nothing else sees the fence yet: a plain write of the level bits is fine.
+            (*fence).flags |= (self.level as c_ulong) << LEVEL_SHIFT;
             bindings::dma_fence_set_lock_class(
                 fence,
                 LOCK_CLASSES[level].as_ptr(),
@@ -1632,6 +1720,17 @@ impl CallbackKind for SignalProxy {
 ///
 /// If the proxy is dropped while its fence is unsignalled, the fence signals `-ECANCELED`.
 ///
+/// # Deadlines
+///
+/// A deadline set on the proxy's fence (`dma_fence_set_deadline()`, [`DmaFence::set_deadline`])
+/// while the proxy drives it is kept, the earliest one, and passed on to the source, now or when
+/// the proxy follows one, as drm_sched passes the deadlines of its finished fences on to the
+/// hardware fences. The proxy's *deadline hook*, a [`CallbackKind`] given to
+/// [`ProxyFence::with_deadline_hook`], runs each time an earlier deadline is recorded, in the
+/// context of whoever set it, with the proxy fence's lock held: the kinds of this module can
+/// run there, as they can in a fence callback. [`ProxyFence::deadline`] reads the deadline.
+/// Deadlines set before the proxy was created, or after it was dropped, are ignored.
+///
 /// # Sources and their nesting levels
 ///
 /// The proxy signals inside the source's lock, so lockdep must see the proxy's lock as nested
@@ -1666,34 +1765,160 @@ impl CallbackKind for SignalProxy {
 ///
 /// # Invariants
 ///
-/// `fence` is the fence of the [`NestedFence`] the proxy was created with: the `base` of a
-/// `RawFence` whose level is at least 1.
-#[pin_data]
-pub struct ProxyFence {
+/// - `fence` is the fence of the [`NestedFence`] the proxy was created with: the `base` of a
+///   `RawFence` whose level is at least 1, whose `deadline` points to the slot of `deadline`
+///   from the end of the proxy's initialisation until the start of its drop.
+/// - The slot's `notify` is `Self::notify` and its `owner` the module that holds its text, on
+///   which the proxy holds a reference for as long as the fence points to the slot.
+/// - The slot's `source` is null or the fence `callback` is armed on (and holds a reference to).
+#[pin_data(PinnedDrop)]
+pub struct ProxyFence<H: CallbackKind> {
     #[pin]
     callback: FenceCallback<SignalProxy>,
     fence: ARef<DmaFence>,
+    #[pin]
+    deadline: Opaque<DeadlineState<H>>,
 }
 
-impl ProxyFence {
-    /// Creates a proxy that will drive `fence`.
+// SAFETY: The slot's pointers are only used under the fence lock, from any thread; the hook is
+// `Send` and `Sync` as every `CallbackKind` is, and the other fields are `Send`.
+unsafe impl<H: CallbackKind> Send for ProxyFence<H> {}
+// SAFETY: Shared references only read the fence and, under its lock, the slot.
+unsafe impl<H: CallbackKind> Sync for ProxyFence<H> {}
+
+/// What the `set_deadline` operation of a fence driven by a [`ProxyFence`] reaches.
+///
+/// Its fields are only accessed under the lock of the proxy's fence.
+#[repr(C)]
+struct DeadlineSlot {
+    /// The earliest deadline set on the fence, `KTIME_MAX` if none was.
+    deadline: bindings::ktime_t,
+    /// The source the proxy follows, or null.
+    source: *mut bindings::dma_fence,
+    /// `ProxyFence::<H>::notify` for the proxy this slot is in.
+    notify: unsafe fn(*mut DeadlineSlot),
+    /// The module whose text holds `notify`, or null for vmlinux.
+    owner: *mut bindings::module,
+}
+
+/// The deadline slot of a [`ProxyFence`] and its hook; the slot comes first, so a pointer to it
+/// derived from a pointer to the whole is a pointer to the whole.
+#[repr(C)]
+struct DeadlineState<H> {
+    slot: DeadlineSlot,
+    hook: H,
+}
+
+/// The deadline hook of a [`ProxyFence`] that has none: does nothing.
+pub struct NoHook;
+
+impl private::Sealed for NoHook {}
+
+impl CallbackKind for NoHook {
+    fn signalled(&self, _result: Result, _: private::Token) {}
+}
+
+impl ProxyFence<NoHook> {
+    /// Creates a proxy that will drive `fence`, without a deadline hook.
     pub fn new(fence: NestedFence) -> impl PinInit<Self> {
+        Self::with_deadline_hook(fence, NoHook)
+    }
+}
+
+impl<H: CallbackKind> ProxyFence<H> {
+    /// Creates a proxy that will drive `fence` and perform `hook` whenever an earlier deadline
+    /// is set on it (see [Deadlines](Self#deadlines)).
+    pub fn with_deadline_hook(fence: NestedFence, hook: H) -> impl PinInit<Self> {
         let shared = fence.to_aref();
-        // INVARIANT: `shared` is the fence of `fence`, of level at least 1 by the invariants of
-        // `NestedFence`.
+        let notify: unsafe fn(*mut DeadlineSlot) = Self::notify;
+        let owner = module_of(notify as *const c_void);
         pin_init!(Self {
             callback <- FenceCallback::new(SignalProxy {
                 target: UnsafeCell::new(Some(fence)),
             }),
             fence: shared,
+            deadline: Opaque::new(DeadlineState {
+                slot: DeadlineSlot {
+                    deadline: bindings::ktime_t::MAX,
+                    source: ptr::null_mut(),
+                    notify,
+                    owner,
+                },
+                hook,
+            }),
         })
+        .pin_chain(move |this| {
+            let raw = this.fence.as_raw();
+            // SAFETY: `owner` holds the text of `Self::notify`, code of ours that is running: it
+            // is loaded. The reference is for the fence's pointer to the slot, set below.
+            unsafe { module_get(owner) };
+            let slot = Opaque::cast_into(ptr::addr_of!(this.deadline)).cast::<DeadlineSlot>();
+            // SAFETY: `fence` is the `base` of a `RawFence`, whose `deadline` is only written under
+            // its lock. The slot is pinned with the proxy, which clears the pointer in its drop.
+            // INVARIANT: The fence points to the slot from now on, with the module reference
+            // just taken.
+            unsafe {
+                let flags = bindings::dma_fence_lock_irqsave(raw);
+                (*raw.cast::<RawFence>()).deadline = slot;
+                bindings::dma_fence_unlock_irqrestore(raw, flags);
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs the deadline hook of the proxy whose slot is `slot`.
+    ///
+    /// # Safety
+    ///
+    /// `slot` must be the slot of a live `ProxyFence<H>`, reached through a pointer derived from
+    /// its whole `DeadlineState<H>`.
+    unsafe fn notify(slot: *mut DeadlineSlot) {
+        // CAST: `slot` is the first field of the `repr(C)` `DeadlineState<H>`.
+        let state = slot.cast::<DeadlineState<H>>();
+        // SAFETY: By the safety requirements `state` is valid; `hook` is only ever accessed
+        // through shared references.
+        let hook = unsafe { &*ptr::addr_of!((*state).hook) };
+        hook.signalled(Ok(()), private::Token(()));
     }
 
     /// Returns the nesting level of the proxy's fence.
     fn level(&self) -> u32 {
-        // SAFETY: By the type invariants `fence` is the `base` of a `RawFence`, which lives as long
-        // as the reference the proxy holds; its `level` does not change after initialisation.
-        unsafe { (*self.fence.as_raw().cast::<RawFence>()).level }
+        // SAFETY: By the type invariants `fence` was created by `FenceContext::init_fence`, and
+        // the proxy holds a reference to it.
+        unsafe { raw_level(self.fence.as_raw()) }
+    }
+
+    /// Runs `f` on the deadline slot, under the lock of the proxy's fence.
+    fn with_slot<R>(&self, f: impl FnOnce(&mut DeadlineSlot) -> R) -> R {
+        let raw = self.fence.as_raw();
+        let slot = Opaque::cast_into(ptr::addr_of!(self.deadline)).cast::<DeadlineSlot>();
+        // SAFETY: By the type invariants the slot's fields are only accessed under the lock of
+        // `fence`, which is valid while the proxy holds its reference; `f` cannot reach the fence
+        // lock's other users.
+        unsafe {
+            let flags = bindings::dma_fence_lock_irqsave(raw);
+            let ret = f(&mut *slot);
+            bindings::dma_fence_unlock_irqrestore(raw, flags);
+            ret
+        }
+    }
+
+    /// Records `source` as the fence deadlines go to; returns the deadline to pass on to it.
+    fn set_source(&self, source: *mut bindings::dma_fence) -> Option<bindings::ktime_t> {
+        // INVARIANT: The callers pass null, or the fence `callback` was just armed on.
+        self.with_slot(|slot| {
+            slot.source = source;
+            (!source.is_null() && slot.deadline != bindings::ktime_t::MAX).then_some(slot.deadline)
+        })
+    }
+
+    /// Returns the earliest deadline set on the proxy's fence while the proxy drove it, if any.
+    ///
+    /// A deadline before the boot (which only a broken caller sets) reads as the boot.
+    pub fn deadline(&self) -> Option<Instant<Monotonic>> {
+        let ktime = self.with_slot(|slot| slot.deadline);
+        // SAFETY: The value is clamped to the range `Instant` requires.
+        (ktime != bindings::ktime_t::MAX).then(|| unsafe { Instant::from_ktime(ktime.max(0)) })
     }
 
     /// Returns the proxy's fence, the one its consumers wait for.
@@ -1717,11 +1942,22 @@ impl ProxyFence {
     /// For a C fence, `level` is the level the caller declares for it: one above the fences
     /// whose callbacks signal it. For a fence of this module the higher of its own level and
     /// `level` counts.
-    pub fn follow_nested(self: Pin<&mut Self>, source: ARef<DmaFence>, level: u32) -> Result {
+    pub fn follow_nested(mut self: Pin<&mut Self>, source: ARef<DmaFence>, level: u32) -> Result {
         if source.nesting_level().max(level) >= self.level() {
             return Err(EINVAL);
         }
-        self.project().callback.arm(source);
+        let raw_source = source.as_raw();
+        // Arming drops the reference on the previous source.
+        self.set_source(ptr::null_mut());
+        self.as_mut().project().callback.arm(source);
+        // The slot's lock orders this with `fence_set_deadline()`: either a deadline set from now
+        // on finds the source, or we find the deadline.
+        let deadline = self.set_source(raw_source);
+        if let Some(deadline) = deadline {
+            // SAFETY: The callback holds a reference on the source; `dma_fence_set_deadline()`
+            // can be called from any context.
+            unsafe { bindings::dma_fence_set_deadline(raw_source, deadline) };
+        }
         Ok(())
     }
 
@@ -1731,6 +1967,8 @@ impl ProxyFence {
     /// later [`ProxyFence::follow`], [`ProxyFence::signal`] or the drop of the proxy. Returns
     /// `false` if the source had signalled it already.
     pub fn detach(self: Pin<&mut Self>) -> bool {
+        // Disarming drops the reference on the source.
+        self.set_source(ptr::null_mut());
         let mut callback = self.project().callback;
         callback.as_mut().disarm();
         // SAFETY: The callback is disarmed, so by the invariants of `SignalProxy` we are the only
@@ -1742,6 +1980,8 @@ impl ProxyFence {
     ///
     /// Returns `false` if the fence had already signalled (its source signalled first).
     pub fn signal(self: Pin<&mut Self>, result: Result) -> bool {
+        // Disarming drops the reference on the source.
+        self.set_source(ptr::null_mut());
         let mut callback = self.project().callback;
         callback.as_mut().disarm();
         // SAFETY: The callback is disarmed, so by the invariants of `SignalProxy` we are the only
@@ -1754,6 +1994,25 @@ impl ProxyFence {
             }
             None => false,
         }
+    }
+}
+
+#[pinned_drop]
+impl<H: CallbackKind> PinnedDrop for ProxyFence<H> {
+    fn drop(self: Pin<&mut Self>) {
+        let raw = self.fence.as_raw();
+        // SAFETY: By the type invariants the fence points to our slot until now; clearing the
+        // pointer under the fence lock means `fence_set_deadline()` no longer reaches the slot,
+        // the hook or the source once the lock is dropped, before any field of the proxy goes.
+        unsafe {
+            let flags = bindings::dma_fence_lock_irqsave(raw);
+            (*raw.cast::<RawFence>()).deadline = ptr::null_mut();
+            bindings::dma_fence_unlock_irqrestore(raw, flags);
+        }
+        let owner = self.with_slot(|slot| slot.owner);
+        // SAFETY: By the type invariants the proxy held a reference on `owner` for the fence's
+        // pointer to the slot, which is gone.
+        unsafe { module_put(owner) };
     }
 }
 
@@ -2269,15 +2528,136 @@ mod tests {
 
     /// Makes a fence with the C API: `dma_fence_init()`, 32-bit sequence numbers.
     fn c_fence(context: u64, seqno: u64) -> Result<ARef<DmaFence>> {
+        c_fence_with(&C_OPS, context, seqno)
+    }
+
+    /// Like [`c_fence`], with `ops`, which has no `release`.
+    fn c_fence_with(
+        ops: &'static bindings::dma_fence_ops,
+        context: u64,
+        seqno: u64,
+    ) -> Result<ARef<DmaFence>> {
         let mem = KBox::<MaybeUninit<bindings::dma_fence>>::new_uninit(GFP_KERNEL)?;
         let raw = KBox::into_raw(mem).cast::<bindings::dma_fence>();
         // SAFETY: `raw` is a kmalloc'ed `struct dma_fence` (freed with `kfree_rcu()` by
-        // `dma_fence_free()` since `C_OPS` has no `release`). The initial reference goes to the
+        // `dma_fence_free()` since `ops` has no `release`). The initial reference goes to the
         // `ARef`.
         unsafe {
-            bindings::dma_fence_init(raw, &C_OPS, ptr::null_mut(), context, seqno);
+            bindings::dma_fence_init(raw, ops, ptr::null_mut(), context, seqno);
             Ok(ARef::from_raw(NonNull::new_unchecked(raw.cast())))
         }
+    }
+
+    /// `struct dma_fence_ops` of a C producer that records the deadlines it is given.
+    static C_DEADLINE_OPS: bindings::dma_fence_ops = bindings::dma_fence_ops {
+        get_driver_name: Some(c_name),
+        get_timeline_name: Some(c_name),
+        enable_signaling: None,
+        signaled: None,
+        wait: None,
+        release: None,
+        set_deadline: Some(c_record_deadline),
+    };
+
+    /// How many deadlines fences of `C_DEADLINE_OPS` were given, and the last one.
+    static C_DEADLINES: Atomic<u32> = Atomic::new(0);
+    static C_LAST_DEADLINE: Atomic<i64> = Atomic::new(0);
+
+    /// # Safety
+    ///
+    /// Called by the C side with a valid fence; the fence is not used.
+    unsafe extern "C" fn c_record_deadline(
+        _fence: *mut bindings::dma_fence,
+        deadline: bindings::ktime_t,
+    ) {
+        C_LAST_DEADLINE.store(deadline, ordering::Relaxed);
+        C_DEADLINES.add(1, ordering::Relaxed);
+    }
+
+    #[test]
+    fn deadlines_reach_the_source_and_the_hook() -> Result {
+        let base = Instant::<Monotonic>::now() + Delta::from_secs(100);
+        let at = |ms: i64| base + Delta::from_millis(ms);
+        let wq = fence_wq()?;
+        let hooked = Counter::new()?;
+        let hook_runs = |expected: u32| {
+            wq.flush();
+            assert_eq!(hooked.runs.load(ordering::Relaxed), expected);
+        };
+        C_DEADLINES.store(0, ordering::Relaxed);
+
+        // Fences no proxy drives ignore deadlines.
+        let plain = ctx().new_fence(GFP_KERNEL)?;
+        plain.set_deadline(at(1));
+        let level2 = nested(2)?;
+        let unproxied = level2.new_fence(GFP_KERNEL)?;
+        unproxied.set_deadline(at(1));
+
+        let mut proxy = KBox::pin_init(
+            ProxyFence::with_deadline_hook(unproxied, EnqueueWork::new(wq.clone(), hooked.clone())),
+            GFP_KERNEL,
+        )?;
+        assert_eq!(proxy.deadline(), None);
+        // Before the proxy follows anything: recorded, the hook runs.
+        proxy.fence().set_deadline(at(50));
+        assert_eq!(proxy.deadline(), Some(at(50)));
+        hook_runs(1);
+
+        // Following a source passes the deadline on.
+        // SAFETY: `dma_fence_context_alloc()` can be called from any context.
+        let context = unsafe { bindings::dma_fence_context_alloc(1) };
+        let source = c_fence_with(&C_DEADLINE_OPS, context, 1)?;
+        proxy.as_mut().follow(source.clone())?;
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 1);
+        assert_eq!(C_LAST_DEADLINE.load(ordering::Relaxed), at(50).as_nanos());
+
+        // A later deadline changes nothing; an earlier one goes through at once.
+        proxy.fence().set_deadline(at(80));
+        assert_eq!(proxy.deadline(), Some(at(50)));
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 1);
+        hook_runs(1);
+        proxy.fence().set_deadline(at(20));
+        assert_eq!(proxy.deadline(), Some(at(20)));
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 2);
+        assert_eq!(C_LAST_DEADLINE.load(ordering::Relaxed), at(20).as_nanos());
+        hook_runs(2);
+
+        // Through a chain of proxies.
+        let mut outer = KBox::pin_init(
+            ProxyFence::new(nested(3)?.new_fence(GFP_KERNEL)?),
+            GFP_KERNEL,
+        )?;
+        outer.as_mut().follow(proxy.fence().clone())?;
+        outer.fence().set_deadline(at(10));
+        assert_eq!(outer.deadline(), Some(at(10)));
+        assert_eq!(proxy.deadline(), Some(at(10)));
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 3);
+        assert_eq!(C_LAST_DEADLINE.load(ordering::Relaxed), at(10).as_nanos());
+        hook_runs(3);
+
+        // Detached, the proxy still records deadlines but no longer passes them on.
+        assert!(proxy.as_mut().detach());
+        proxy.fence().set_deadline(at(5));
+        assert_eq!(proxy.deadline(), Some(at(5)));
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 3);
+        hook_runs(4);
+        // Following again passes the recorded deadline on.
+        proxy.as_mut().follow(source.clone())?;
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 4);
+        assert_eq!(C_LAST_DEADLINE.load(ordering::Relaxed), at(5).as_nanos());
+
+        // SAFETY: `source` is valid and pending.
+        unsafe { bindings::dma_fence_signal(source.as_raw()) };
+        assert_eq!(outer.fence().status(), Some(Ok(())));
+        // Signalled fences take no deadlines, before or after their proxy is gone.
+        let view = proxy.fence().clone();
+        view.set_deadline(at(1));
+        drop(proxy);
+        view.set_deadline(at(1));
+        assert_eq!(C_DEADLINES.load(ordering::Relaxed), 4);
+        hook_runs(4);
+        plain.signal(Ok(()));
+        Ok(())
     }
 
     #[test]

@@ -55,6 +55,7 @@ use kernel::{
             RelativeMode, //
         },
         Delta,
+        Instant,
         Monotonic, //
     },
     workqueue::{
@@ -323,6 +324,10 @@ struct Stats {
     freed_while_running: Atomic<u32>,
     /// Payloads whose drop waited in vain for a fence.
     drop_wait_failed: Atomic<u32>,
+    /// Calls of `Backend::deadline`, and the last deadline in milliseconds after the job's
+    /// `deadline_base`.
+    deadlines: Atomic<u32>,
+    last_deadline_ms: Atomic<i64>,
 }
 
 impl Stats {
@@ -338,6 +343,8 @@ impl Stats {
                 last_seqno: Atomic::new(0),
                 freed_while_running: Atomic::new(0),
                 drop_wait_failed: Atomic::new(0),
+                deadlines: Atomic::new(0),
+                last_deadline_ms: Atomic::new(0),
             },
             GFP_KERNEL,
         )?)
@@ -369,6 +376,8 @@ struct MockJob {
     /// The ring and the hardware fence of the last run, to check the drop against.
     ring: Option<Arc<MockRing>>,
     hw: Option<ARef<DmaFence>>,
+    /// What `Backend::deadline` measures deadlines from.
+    deadline_base: Option<Instant<Monotonic>>,
 }
 
 impl MockJob {
@@ -388,6 +397,7 @@ impl MockJob {
             drop_sleep: None,
             ring: None,
             hw: None,
+            deadline_base: None,
         })
     }
 }
@@ -488,6 +498,14 @@ impl Backend for MockBackend {
 
     fn cancelled(&self, _job: JobRef<'_, Self>, _error: Error) {
         self.stats.cancelled.add(1, ordering::Relaxed);
+    }
+
+    fn deadline(&self, job: JobRef<'_, Self>, deadline: Instant<Monotonic>) {
+        if let Some(base) = job.deadline_base {
+            let ms = (deadline - base).as_millis();
+            self.stats.last_deadline_ms.store(ms, ordering::Relaxed);
+        }
+        self.stats.deadlines.add(1, ordering::Relaxed);
     }
 }
 
@@ -1381,11 +1399,52 @@ mod tests {
 
     /// Waits (bounded) until the backend has run `n` jobs in all.
     fn wait_runs(f: &Fixture, n: u32) {
+        wait_count(&f.stats.runs, n);
+    }
+
+    /// Waits (bounded) until `counter` reaches `n`.
+    fn wait_count(counter: &Atomic<u32>, n: u32) {
         let mut tries = 0;
-        while Stats::get(&f.stats.runs) < n && tries < 10_000 {
+        while Stats::get(counter) < n && tries < 10_000 {
             fsleep(us(200));
             tries += 1;
         }
+    }
+
+    /// Hook: a deadline set on a done fence reaches the backend, the earliest one and once: at
+    /// once for a job on the hardware, when it runs for a job that waits.
+    #[test]
+    fn deadlines_reach_the_backend() -> Result {
+        let f = Fixture::new(c"deadline", 1, None)?;
+        let base = Instant::<Monotonic>::now() + Delta::from_secs(100);
+        let at = |ms: i64| base + Delta::from_millis(ms);
+        // Long enough to be on the hardware for the first half of the test.
+        let mut a = f.job(1, Delta::from_secs(1))?;
+        a.payload_mut().deadline_base = Some(base);
+        let done_a = f.queue().submit(a)?;
+        let mut b = f.job(1, us(10))?;
+        b.payload_mut().deadline_base = Some(base);
+        let done_b = f.queue().submit(b)?;
+        wait_runs(&f, 1);
+        // `b` waits for `a`'s credit: it is told when it runs.
+        done_b.set_deadline(at(30));
+        done_a.set_deadline(at(50));
+        wait_count(&f.stats.deadlines, 1);
+        assert_eq!(f.stats.last_deadline_ms.load(ordering::Relaxed), 50);
+        // A later deadline is not news; an earlier one is.
+        done_a.set_deadline(at(70));
+        done_a.set_deadline(at(40));
+        wait_count(&f.stats.deadlines, 2);
+        assert_eq!(f.stats.last_deadline_ms.load(ordering::Relaxed), 40);
+        assert_eq!(Stats::get(&f.stats.runs), 1);
+        wait(&done_b)?;
+        assert_eq!(Stats::get(&f.stats.deadlines), 3);
+        assert_eq!(f.stats.last_deadline_ms.load(ordering::Relaxed), 30);
+        // Finished jobs take no more deadlines.
+        done_b.set_deadline(at(1));
+        let (_ring, stats) = f.teardown();
+        assert_eq!(Stats::get(&stats.deadlines), 3);
+        Ok(())
     }
 
     #[test]

@@ -159,7 +159,11 @@ use crate::{
     dma_fence::DmaFence,
     prelude::*,
     sync::aref::ARef,
-    time::Delta, //
+    time::{
+        Delta,
+        Instant,
+        Monotonic, //
+    }, //
 };
 
 mod job;
@@ -185,7 +189,7 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 
 /// What a driver provides to run the jobs of a [`JobQueue`].
 ///
-/// [`Backend::run`] and [`Backend::timed_out`] are called from the queue's work items
+/// [`Backend::run`], [`Backend::timed_out`] and [`Backend::deadline`] are called from the queue's work items
 /// ([`Backend::run`] also from [`JobQueue::submit`] in the submitter's context when the job is
 /// next in line), in process context, one at a time per queue, with the queue's internal lock
 /// held and inside a fence signalling critical section
@@ -228,6 +232,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// payload is dropped. Does nothing by default.
     fn cancelled(&self, job: JobRef<'_, Self>, error: Error) {
         let _ = (job, error);
+    }
+
+    /// Called when a waiter would like `job`, which is on the hardware, to be done by
+    /// `deadline`: a hint (`dma_fence_set_deadline()` on its done fence) that the driver may
+    /// use to raise clocks or to prioritise the ring, or ignore. Does nothing by default.
+    ///
+    /// Called with the earliest deadline set so far, from the queue's work (or right after
+    /// [`Backend::run`] for a job that got its deadline while it waited), under the same rules
+    /// as [`Backend::run`]. The deadline also reaches the hardware fence [`Backend::run`]
+    /// returned (`dma_fence_set_deadline()`), once the done fence follows it.
+    fn deadline(&self, job: JobRef<'_, Self>, deadline: Instant<Monotonic>) {
+        let _ = (job, deadline);
     }
 }
 

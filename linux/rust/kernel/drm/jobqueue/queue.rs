@@ -64,6 +64,7 @@ const RUN: u64 = 1;
 const RETIRE: u64 = 2;
 const TIMEOUT: u64 = 3;
 const FAULT: u64 = 4;
+const DEADLINE: u64 = 5;
 
 /// Lock class keys and names of every queue.
 ///
@@ -87,12 +88,16 @@ fn timeout_timer_class() -> Pin<&'static LockClassKey> {
 fn fault_work_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn deadline_work_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 static PROC_LOCK_NAME: &CStr = c"drm_jobqueue:proc";
 static RUN_WORK_NAME: &CStr = c"drm_jobqueue:run_work";
 static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
 static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
 static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 static FAULT_WORK_NAME: &CStr = c"drm_jobqueue:fault_work";
+static DEADLINE_WORK_NAME: &CStr = c"drm_jobqueue:deadline_work";
 
 /// How many jobs the run work hands on before it lets go of the lock and queues itself again:
 /// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
@@ -106,6 +111,8 @@ const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
 type DepCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RUN>>;
 type RetireCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RETIRE>>;
+/// Wakes the deadline work when a deadline is set on a done fence.
+type DeadlineHook<T> = EnqueueWork<Inner<T>, DEADLINE>;
 
 /// Where a submitted job is in its life.
 ///
@@ -151,8 +158,10 @@ pub(super) struct JobNode<T: Backend> {
     outcome: Option<Outcome>,
     state: JobState,
     holds_credits: bool,
+    /// The deadline last given to [`Backend::deadline`].
+    deadline_told: Option<Instant<Monotonic>>,
     #[pin]
-    pub(super) done: ProxyFence,
+    pub(super) done: ProxyFence<DeadlineHook<T>>,
 }
 
 /// The submitted jobs of a queue, by the sequence numbers of their done fences.
@@ -222,12 +231,15 @@ pub(super) struct Inner<T: Backend> {
     timeout_work: DelayedWork<Inner<T>, TIMEOUT>,
     #[pin]
     fault_work: Work<Inner<T>, FAULT>,
+    #[pin]
+    deadline_work: Work<Inner<T>, DEADLINE>,
 }
 
 impl_has_work! {
     impl{T: Backend} HasWork<Inner<T>, RUN> for Inner<T> { self.run_work }
     impl{T: Backend} HasWork<Inner<T>, RETIRE> for Inner<T> { self.retire_work }
     impl{T: Backend} HasWork<Inner<T>, FAULT> for Inner<T> { self.fault_work }
+    impl{T: Backend} HasWork<Inner<T>, DEADLINE> for Inner<T> { self.deadline_work }
 }
 
 impl_has_delayed_work! {
@@ -263,6 +275,14 @@ impl<T: Backend> WorkItem<FAULT> for Inner<T> {
 
     fn run(this: Arc<Inner<T>>) {
         this.check_timeout();
+    }
+}
+
+impl<T: Backend> WorkItem<DEADLINE> for Inner<T> {
+    type Pointer = Arc<Inner<T>>;
+
+    fn run(this: Arc<Inner<T>>) {
+        this.tell_deadlines();
     }
 }
 
@@ -653,6 +673,8 @@ impl<T: Backend> Inner<T> {
                         proc.credits_in_use,
                     );
                 }
+                // A deadline set while the job waited.
+                self.tell_deadline(node.as_mut());
                 Step::Started
             }
             Some((outcome, done_hw)) => {
@@ -805,6 +827,38 @@ impl<T: Backend> Inner<T> {
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                 self.drop_job(node);
             }
+        }
+    }
+
+    /// Gives [`Backend::deadline`] the deadline of a job on the hardware, if it has one it was
+    /// not given yet.
+    fn tell_deadline(&self, node: Pin<&mut JobNode<T>>) {
+        if !matches!(node.state, JobState::Running { .. }) {
+            return;
+        }
+        let Some(deadline) = node.done.deadline() else {
+            return;
+        };
+        let mut node = node;
+        let told = node.as_mut().project().deadline_told;
+        if *told == Some(deadline) {
+            return;
+        }
+        *told = Some(deadline);
+        self.backend.deadline(JobRef::new(node), deadline);
+    }
+
+    /// The deadline work, woken by a deadline set on a done fence: tells the backend the new
+    /// deadlines of the jobs on the hardware. Jobs that have not run yet are told when they
+    /// run.
+    fn tell_deadlines(self: &Arc<Self>) {
+        let _section = SignallingSection::begin();
+        let mut proc = self.proc.lock();
+        if proc.dead || proc.dying {
+            return;
+        }
+        for (_, node) in proc.jobs.iter_mut() {
+            self.tell_deadline(node.as_mut());
         }
     }
 
@@ -1026,6 +1080,7 @@ impl<T: Backend> JobQueue<T> {
                     timeout_timer_class(),
                 ),
                 fault_work <- Work::new(FAULT_WORK_NAME, fault_work_class()),
+                deadline_work <- Work::new(DEADLINE_WORK_NAME, deadline_work_class()),
             }),
             GFP_KERNEL,
         )?;
@@ -1102,7 +1157,11 @@ impl<T: Backend> JobQueue<T> {
             outcome: None,
             state: JobState::Waiting { deps },
             holds_credits: false,
-            done <- ProxyFence::new(done),
+            deadline_told: None,
+            done <- ProxyFence::with_deadline_hook(
+                done,
+                EnqueueWork::new(self.inner.wq.clone(), self.inner.clone()),
+            ),
         });
         let Ok(node) = KBox::write_pin_init(node, init);
         guard.jobs.insert(reservation.into_node(seqno, node));
@@ -1261,6 +1320,8 @@ impl<T: Backend> Drop for JobQueue<T> {
             inner.drop_job(node);
         }
         inner.run_work.flush();
+        // No done fence of the queue wakes it any more: its proxies are gone with the jobs.
+        inner.deadline_work.flush();
     }
 }
 
