@@ -26,6 +26,7 @@ use kernel::{
         JobRef,
         QueueOptions,
         Recovery,
+        ResetDomain,
         TimeoutAction, //
     },
     impl_has_hr_timer,
@@ -433,6 +434,8 @@ struct MockBackend {
     ring: Arc<MockRing>,
     stats: Arc<Stats>,
     on_timeout: TimeoutAction,
+    /// The other rings of the device, which a reset takes down with this one.
+    peers: KVec<Arc<MockRing>>,
 }
 
 impl Backend for MockBackend {
@@ -484,7 +487,12 @@ impl Backend for MockBackend {
             TimeoutAction::NoHang | TimeoutAction::ResetLater => {}
             // Only the hung job is lost; the ring goes on with the others.
             TimeoutAction::Reset(Recovery::Continue) => self.ring.skip_head(),
-            _ => self.ring.reset(),
+            _ => {
+                self.ring.reset();
+                for peer in &self.peers {
+                    peer.reset();
+                }
+            }
         }
         // A job that hung once completes when run again.
         job.behaviour = Behaviour::Complete;
@@ -566,6 +574,7 @@ impl Fixture {
             ring: ring.clone(),
             stats: stats.clone(),
             on_timeout,
+            peers: KVec::new(),
         };
         let queue = JobQueue::new(backend, options)?;
         Ok(Self {
@@ -1409,6 +1418,152 @@ mod tests {
             fsleep(us(200));
             tries += 1;
         }
+    }
+
+    /// The queues of a mock device in a reset domain, each on a ring of its own; a reset takes
+    /// all the rings down.
+    struct Device {
+        rings: KVec<Arc<MockRing>>,
+        queues: KVec<JobQueue<MockBackend>>,
+        stats: KVec<Arc<Stats>>,
+    }
+
+    impl Device {
+        fn new(
+            timeouts: &[Option<Delta>],
+            on_timeout: TimeoutAction,
+        ) -> Result<(Self, Arc<ResetDomain<MockBackend>>)> {
+            const NAMES: [&CStr; 3] = [c"domain-0", c"domain-1", c"domain-2"];
+            let domain = ResetDomain::new(c"jq-kunit-domain")?;
+            let mut rings = KVec::new();
+            for _ in timeouts {
+                rings.push(MockRing::new(4)?, GFP_KERNEL)?;
+            }
+            let mut dev = Self {
+                rings: KVec::new(),
+                queues: KVec::new(),
+                stats: KVec::new(),
+            };
+            for (i, timeout) in timeouts.iter().enumerate() {
+                let stats = Stats::new()?;
+                let mut peers = KVec::new();
+                for ring in rings.iter() {
+                    peers.push(ring.clone(), GFP_KERNEL)?;
+                }
+                let backend = MockBackend {
+                    ring: rings[i].clone(),
+                    stats: stats.clone(),
+                    on_timeout,
+                    peers,
+                };
+                let options = QueueOptions::new(c"jobqueue_kunit", NAMES[i], 4, *timeout);
+                dev.queues.push(
+                    JobQueue::new_in_domain(backend, options, &domain)?,
+                    GFP_KERNEL,
+                )?;
+                dev.stats.push(stats, GFP_KERNEL)?;
+            }
+            dev.rings = rings;
+            Ok((dev, domain))
+        }
+
+        fn submit(
+            &self,
+            i: usize,
+            duration: Delta,
+            behaviour: Behaviour,
+        ) -> Result<ARef<DmaFence>> {
+            let mut job = MockJob::new(&self.stats[i], duration)?;
+            job.behaviour = behaviour;
+            let q = &self.queues[i];
+            Ok(q.submit(q.new_job(1, job)?)?)
+        }
+
+        fn timeouts(&self) -> u32 {
+            self.stats.iter().map(|s| Stats::get(&s.timeouts)).sum()
+        }
+    }
+
+    impl Drop for Device {
+        fn drop(&mut self) {
+            while let Some(q) = self.queues.pop() {
+                drop(q);
+            }
+            for ring in self.rings.iter() {
+                ring.reset();
+            }
+            for stats in self.stats.iter() {
+                assert_eq!(Stats::get(&stats.freed_while_running), 0);
+            }
+        }
+    }
+
+    /// Hook: a timeout in a reset domain stops every queue of the domain before the reset, and
+    /// the recovery applies to them all: a job of another queue that the reset took off its
+    /// ring runs again instead of failing with the reset's error.
+    #[test]
+    fn reset_domain_recovers_together() -> Result {
+        let (dev, _domain) = Device::new(
+            &[Some(Delta::from_millis(50)), None, None],
+            TimeoutAction::Reset(Recovery::Resubmit),
+        )?;
+        let hung = dev.submit(0, us(10), Behaviour::Hang)?;
+        let victim = dev.submit(1, Delta::from_millis(300), Behaviour::Complete)?;
+        let idle = dev.submit(2, us(10), Behaviour::Complete)?;
+        wait(&idle)?;
+        wait(&hung)?;
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        wait(&victim)?;
+        assert_eq!(victim.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&dev.stats[1].runs), 2);
+        assert_eq!(Stats::get(&dev.stats[0].timeouts), 1);
+        assert_eq!(dev.timeouts(), 1);
+        assert_eq!(idle.status(), Some(Ok(())));
+        Ok(())
+    }
+
+    /// Hook: the timeouts of a reset domain are handled one at a time; while the driver resets
+    /// after [`TimeoutAction::ResetLater`], no other queue of the domain times out, and the
+    /// driver's [`JobQueue::reset_done`] resumes them all.
+    #[test]
+    fn reset_domain_serialises_timeouts() -> Result {
+        let timeout = Some(Delta::from_millis(50));
+        let (dev, _domain) = Device::new(&[timeout, timeout], TimeoutAction::ResetLater)?;
+        let first = dev.submit(0, us(10), Behaviour::Hang)?;
+        let second = dev.submit(1, us(10), Behaviour::Hang)?;
+        let mut tries = 0;
+        while dev.timeouts() == 0 && tries < 10_000 {
+            fsleep(us(200));
+            tries += 1;
+        }
+        // The domain is stopped: the other queue's hang is not handled meanwhile.
+        fsleep(Delta::from_millis(200));
+        assert_eq!(dev.timeouts(), 1);
+        assert_eq!(first.status(), None);
+        assert_eq!(second.status(), None);
+        let (guilty, other) = if Stats::get(&dev.stats[0].timeouts) == 1 {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        assert_eq!(
+            dev.queues[other].reset_done(Recovery::Continue),
+            Err(EINVAL)
+        );
+        // The driver's reset work: the guilty ring only, then the domain resumes.
+        dev.rings[guilty].reset();
+        dev.queues[guilty].reset_done(Recovery::Continue)?;
+        let dones = [&first, &second];
+        wait(dones[guilty])?;
+        assert_eq!(dones[guilty].status(), Some(Err(ETIMEDOUT)));
+        // Now the other queue's hang is seen.
+        wait_count(&dev.stats[other].timeouts, 1);
+        assert_eq!(dev.timeouts(), 2);
+        dev.rings[other].reset();
+        dev.queues[other].reset_done(Recovery::Continue)?;
+        wait(dones[other])?;
+        assert_eq!(dones[other].status(), Some(Err(ETIMEDOUT)));
+        Ok(())
     }
 
     /// Hook: a deadline set on a done fence reaches the backend, the earliest one and once: at

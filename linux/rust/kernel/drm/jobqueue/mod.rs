@@ -179,6 +179,7 @@ pub use self::{
     queue::{
         JobQueue,
         QueueStats,
+        ResetDomain,
         StoppedQueue,
         SubmitError, //
     }, //

@@ -91,6 +91,9 @@ fn fault_work_class() -> Pin<&'static LockClassKey> {
 fn deadline_work_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn domain_lock_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 static PROC_LOCK_NAME: &CStr = c"drm_jobqueue:proc";
 static RUN_WORK_NAME: &CStr = c"drm_jobqueue:run_work";
 static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
@@ -98,6 +101,7 @@ static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
 static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 static FAULT_WORK_NAME: &CStr = c"drm_jobqueue:fault_work";
 static DEADLINE_WORK_NAME: &CStr = c"drm_jobqueue:deadline_work";
+static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
 
 /// How many jobs the run work hands on before it lets go of the lock and queues itself again:
 /// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
@@ -221,6 +225,9 @@ pub(super) struct Inner<T: Backend> {
     fault: Atomic<bool>,
     pub(super) fence_ctx: NestedFenceContext,
     wq: Arc<FenceWorkqueue>,
+    /// The reset domain the queue belongs to, if any: its timeout and fault work run on the
+    /// domain's workqueue, and its timeouts stop and recover every queue of the domain.
+    domain: Option<Arc<ResetDomain<T>>>,
     #[pin]
     proc: Mutex<Proc<T>>,
     #[pin]
@@ -571,12 +578,20 @@ impl<T: Backend> Inner<T> {
         let _ = self.wq.enqueue::<Arc<Self>, RETIRE>(self.clone());
     }
 
+    /// The workqueue of the timeout and fault work: the reset domain's, or the queue's.
+    fn timeout_wq(&self) -> &FenceWorkqueue {
+        match &self.domain {
+            Some(domain) => &domain.wq,
+            None => &self.wq,
+        }
+    }
+
     fn arm_timeout(self: &Arc<Self>, after: Delta) {
         let jiffies = crate::time::msecs_to_jiffies(
             after.as_millis_ceil().clamp(1, i64::from(i32::MAX)) as u32,
         );
         let _ = self
-            .wq
+            .timeout_wq()
             .enqueue_delayed::<Arc<Self>, TIMEOUT>(self.clone(), jiffies);
     }
 
@@ -926,6 +941,11 @@ impl<T: Backend> Inner<T> {
                 return;
             }
         }
+        if let Some(domain) = &self.domain {
+            drop(guard);
+            domain.timed_out(self, seqno);
+            return;
+        }
         // Detach first: the backend may signal the hardware fences while it resets the ring.
         proc.detach_running();
         let Some(node) = proc.jobs.get_mut(&seqno) else {
@@ -963,6 +983,16 @@ impl<T: Backend> Inner<T> {
         if let (true, Some(timeout)) = (rearm, self.timeout) {
             self.arm_timeout(timeout);
         }
+    }
+
+    /// Stops the queue, as [`JobQueue::stop`] does.
+    fn stop(&self) {
+        let mut proc = self.proc.lock();
+        proc.stopped += 1;
+        proc.pause_timeout();
+        proc.detach_running();
+        drop(proc);
+        trace::queue_stop(self.name, self.fence_ctx.context());
     }
 
     /// Resumes after a stop: recovers the jobs that were on the hardware and restarts the run,
@@ -1031,6 +1061,26 @@ impl<T: Backend> JobQueue<T> {
     /// Fails with `EINVAL` for a capacity of 0 or a done fence level of 0 or above
     /// [`MAX_NESTING_LEVEL`](crate::dma_fence::MAX_NESTING_LEVEL), and with `ENOMEM`.
     pub fn new(backend: T, options: QueueOptions) -> Result<Self> {
+        Self::create(backend, options, None)
+    }
+
+    /// Creates a queue, like [`JobQueue::new`], that belongs to `domain`: it times out, stops
+    /// and recovers with the other queues of the domain (see [`ResetDomain`]).
+    pub fn new_in_domain(
+        backend: T,
+        options: QueueOptions,
+        domain: &Arc<ResetDomain<T>>,
+    ) -> Result<Self> {
+        let queue = Self::create(backend, options, Some(domain.clone()))?;
+        domain.add(queue.inner.clone())?;
+        Ok(queue)
+    }
+
+    fn create(
+        backend: T,
+        options: QueueOptions,
+        domain: Option<Arc<ResetDomain<T>>>,
+    ) -> Result<Self> {
         if options.capacity == 0 {
             return Err(EINVAL);
         }
@@ -1052,6 +1102,7 @@ impl<T: Backend> JobQueue<T> {
                 fault: Atomic::new(false),
                 fence_ctx,
                 wq: inner_wq,
+                domain,
                 proc <- Mutex::new(Proc {
                     jobs: RBTree::new(),
                     next_run: 1,
@@ -1194,12 +1245,7 @@ impl<T: Backend> JobQueue<T> {
     /// signal meanwhile are ignored, and [`StoppedQueue::resume`] decides their fate. Submission
     /// keeps working. Sleeps; must not be called from a [`Backend`] method.
     pub fn stop(&self) -> StoppedQueue<'_, T> {
-        let mut proc = self.inner.proc.lock();
-        proc.stopped += 1;
-        proc.pause_timeout();
-        proc.detach_running();
-        drop(proc);
-        trace::queue_stop(self.inner.name, self.context());
+        self.inner.stop();
         StoppedQueue {
             queue: self,
             resumed: false,
@@ -1216,7 +1262,10 @@ impl<T: Backend> JobQueue<T> {
     /// Sleeps; must not be called from a [`Backend`] method.
     pub fn reset_done(&self, recovery: Recovery) -> Result {
         let guilty = self.inner.proc.lock().reset_guilty.take().ok_or(EINVAL)?;
-        self.inner.resume(recovery, Some(guilty));
+        match &self.inner.domain {
+            Some(domain) => domain.resume_all(&self.inner, recovery, guilty),
+            None => self.inner.resume(recovery, Some(guilty)),
+        }
         Ok(())
     }
 
@@ -1243,7 +1292,7 @@ impl<T: Backend> JobQueue<T> {
         self.inner.fault.store(true, ordering::Relaxed);
         let _ = self
             .inner
-            .wq
+            .timeout_wq()
             .enqueue::<Arc<Inner<T>>, FAULT>(self.inner.clone());
     }
 
@@ -1280,6 +1329,11 @@ impl<T: Backend> Drop for JobQueue<T> {
         };
         drop(dep_cb);
         drop(release_cb);
+        // The domain's timeouts no longer see the queue; a reset of ours the driver left
+        // pending resumes the domain.
+        if let Some(domain) = &inner.domain {
+            domain.remove(inner);
+        }
         inner.run_work.flush();
         inner.timeout_work.flush();
         inner.fault_work.flush();
@@ -1349,5 +1403,218 @@ impl<T: Backend> StoppedQueue<'_, T> {
 impl<T: Backend> Drop for StoppedQueue<'_, T> {
     fn drop(&mut self) {
         self.resume_inner(Recovery::Continue);
+    }
+}
+
+/// Queues that time out, stop and recover together: the rings of one device, or of one
+/// firmware group, that a reset takes down at once (amdgpu's reset domain, drm_sched's shared
+/// `timeout_wq`).
+///
+/// Its queues are made with [`JobQueue::new_in_domain`]. Their timeout and fault work run on
+/// the domain's ordered workqueue, one at a time. When a job of one of them times out, every
+/// queue of the domain is stopped first, as by [`JobQueue::stop`] (its jobs on the hardware
+/// detached from their hardware fences, its timeout paused), then [`Backend::timed_out`] is
+/// called for the job, and what it returns applies to the whole domain:
+///
+/// - [`TimeoutAction::NoHang`]: every queue resumes with [`Recovery::Continue`].
+/// - [`TimeoutAction::Reset`]`(recovery)`: every queue resumes with `recovery`; the timed-out
+///   job's done fence signals `-ETIMEDOUT`.
+/// - [`TimeoutAction::ResetLater`]: every queue stays stopped until the driver calls
+///   [`JobQueue::reset_done`] on the timed-out job's queue, which resumes them all with its
+///   recovery.
+/// - [`TimeoutAction::DeviceGone`]: every queue ends its jobs with `-ENODEV` and takes no more.
+///
+/// Dropping a queue whose [`TimeoutAction::ResetLater`] is pending resumes the other queues
+/// with [`Recovery::Continue`], with a warning: call [`JobQueue::reset_done`] first.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::dma_fence::{DmaFence, FenceContext};
+/// use kernel::drm::jobqueue::{
+///     Backend, JobQueue, JobRef, QueueOptions, ResetDomain, TimeoutAction,
+/// };
+/// use kernel::sync::aref::ARef;
+///
+/// struct Ring {
+///     hw: FenceContext,
+/// }
+///
+/// impl Backend for Ring {
+///     type Job = ();
+///
+///     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
+///         let fence = self.hw.new_fence(GFP_NOWAIT)?;
+///         let shared = fence.to_aref();
+///         fence.signal(Ok(()));
+///         Ok(shared)
+///     }
+///
+///     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
+///         TimeoutAction::NoHang
+///     }
+///
+///     fn stop_hardware(&self) {}
+/// }
+///
+/// let domain = ResetDomain::new(c"example-device")?;
+/// let compute = JobQueue::new_in_domain(
+///     Ring { hw: FenceContext::new(c"example", c"compute-hw") },
+///     QueueOptions::new(c"example", c"compute", 8, None),
+///     &domain,
+/// )?;
+/// let copy = JobQueue::new_in_domain(
+///     Ring { hw: FenceContext::new(c"example", c"copy-hw") },
+///     QueueOptions::new(c"example", c"copy", 8, None),
+///     &domain,
+/// )?;
+/// compute.submit(compute.new_job(1, ())?)?.wait()?;
+/// copy.submit(copy.new_job(1, ())?)?.wait()?;
+/// # Ok::<(), Error>(())
+/// ```
+#[pin_data]
+pub struct ResetDomain<T: Backend> {
+    wq: FenceWorkqueue,
+    /// The queues of the domain. The lock is taken before the queues' own locks, one at a
+    /// time, and is held across [`Backend::timed_out`]: the timeouts of the domain are handled
+    /// one at a time. Nothing allocates under it.
+    #[pin]
+    members: Mutex<KVec<Arc<Inner<T>>>>,
+}
+
+impl<T: Backend> ResetDomain<T> {
+    /// Creates an empty reset domain; `name` names its workqueue.
+    pub fn new(name: &'static CStr) -> Result<Arc<Self>> {
+        let wq = FenceWorkqueue::new_ordered(name)?;
+        Arc::pin_init(
+            pin_init!(Self {
+                wq,
+                members <- Mutex::new(KVec::new(), DOMAIN_LOCK_NAME, domain_lock_class()),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Adds a queue. The list grows outside the lock, which is taken in signalling sections.
+    fn add(&self, member: Arc<Inner<T>>) -> Result {
+        let mut member = member;
+        loop {
+            let mut members = self.members.lock();
+            match members.push_within_capacity(member) {
+                Ok(()) => return Ok(()),
+                Err(err) => member = err.0,
+            }
+            let want = members.capacity() * 2 + 4;
+            drop(members);
+            let mut bigger = KVec::with_capacity(want, GFP_KERNEL)?;
+            let mut members = self.members.lock();
+            if members.capacity() < want {
+                while let Some(m) = members.pop() {
+                    // Cannot fail: `bigger` has room for all of them.
+                    let _ = bigger.push_within_capacity(m);
+                }
+                core::mem::swap(&mut *members, &mut bigger);
+            }
+            drop(members);
+            // The old list, empty, is freed here, without the lock.
+            drop(bigger);
+        }
+    }
+
+    /// Removes a queue that is being dropped.
+    fn remove(&self, member: &Arc<Inner<T>>) {
+        let (found, pending) = {
+            let mut members = self.members.lock();
+            let found = members
+                .iter()
+                .position(|m| Arc::ptr_eq(m, member))
+                .and_then(|i| members.swap_remove(i).ok());
+            let pending = member.proc.lock().reset_guilty.take();
+            (found, pending)
+        };
+        if let Some(seqno) = pending {
+            crate::pr_warn!(
+                "drm_jobqueue: {}: dropped with a reset pending; resuming its domain\n",
+                member.name
+            );
+            self.resume_all(member, Recovery::Continue, seqno);
+            // The queue itself was taken out of the list: its stop is undone here.
+            member.resume(Recovery::Continue, None);
+        }
+        // Dropped without the lock.
+        drop(found);
+    }
+
+    /// Handles the timeout of job `seqno` of `guilty`, for the whole domain.
+    fn timed_out(&self, guilty: &Arc<Inner<T>>, seqno: u64) {
+        let members = self.members.lock();
+        for member in members.iter() {
+            member.stop();
+        }
+        let action = {
+            let mut guard = guilty.proc.lock();
+            let proc = &mut *guard;
+            let dying = proc.dead || proc.dying;
+            match proc.jobs.get_mut(&seqno) {
+                // Still on the hardware and not done: the backend decides.
+                Some(node)
+                    if !dying
+                        && matches!(&node.state,
+                                    JobState::Running { hw, .. } if hw.status().is_none()) =>
+                {
+                    let action = guilty.backend.timed_out(JobRef::new(node.as_mut()));
+                    trace::job_timeout(guilty.name, node.done.fence(), action);
+                    match action {
+                        TimeoutAction::NoHang => {
+                            if let JobState::Running { started, .. } = node.as_mut().project().state
+                            {
+                                *started = Instant::now();
+                            }
+                        }
+                        TimeoutAction::ResetLater => proc.reset_guilty = Some(seqno),
+                        TimeoutAction::Reset(_) | TimeoutAction::DeviceGone => {}
+                    }
+                    action
+                }
+                // It finished while the domain stopped.
+                _ => TimeoutAction::NoHang,
+            }
+        };
+        match action {
+            TimeoutAction::NoHang => {
+                Self::resume_members(&members, guilty, Recovery::Continue, None);
+            }
+            TimeoutAction::Reset(recovery) => {
+                Self::resume_members(&members, guilty, recovery, Some(seqno));
+            }
+            // Until `JobQueue::reset_done`.
+            TimeoutAction::ResetLater => {}
+            TimeoutAction::DeviceGone => {
+                for member in members.iter() {
+                    let mut proc = member.proc.lock();
+                    proc.dead = true;
+                    proc.finish_all(ENODEV);
+                }
+                Self::resume_members(&members, guilty, Recovery::Continue, None);
+            }
+        }
+    }
+
+    /// Resumes every queue after the reset of `guilty`'s job `seqno`.
+    fn resume_all(&self, guilty: &Arc<Inner<T>>, recovery: Recovery, seqno: u64) {
+        let members = self.members.lock();
+        Self::resume_members(&members, guilty, recovery, Some(seqno));
+    }
+
+    fn resume_members(
+        members: &KVec<Arc<Inner<T>>>,
+        guilty: &Arc<Inner<T>>,
+        recovery: Recovery,
+        seqno: Option<u64>,
+    ) {
+        for member in members.iter() {
+            let is_guilty = Arc::ptr_eq(member, guilty);
+            member.resume(recovery, seqno.filter(|_| is_guilty));
+        }
     }
 }
