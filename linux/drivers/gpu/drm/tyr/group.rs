@@ -31,7 +31,10 @@ use kernel::{
         DmaFence,
         FenceWorkqueue, //
     },
-    drm::jobqueue::Job,
+    drm::jobqueue::{
+        Job,
+        ResetDomain, //
+    },
     prelude::*,
     sync::{
         aref::ARef,
@@ -169,6 +172,9 @@ impl<H: QueueHw> Group<H> {
         // One ordered workqueue serves the job queues of the group, as one drm_sched submit
         // workqueue serves Panthor's.
         let wq = Arc::new(FenceWorkqueue::new_ordered(c"tyr-group")?, GFP_KERNEL)?;
+        // The queues of a group time out and recover together: a timeout takes the whole group
+        // off its slot (Panthor serialises its timeouts on one reset workqueue).
+        let domain = ResetDomain::with_workqueue(wq.clone())?;
         let mut list = KVec::new();
         for (config, hw) in queues {
             if list.len() == MAX_QUEUES {
@@ -176,7 +182,7 @@ impl<H: QueueHw> Group<H> {
             }
             // At most `MAX_QUEUES`: fits.
             let index = list.len() as u32;
-            let queue = Queue::new(state.clone(), index, config, hw, timeout, wq.clone())?;
+            let queue = Queue::new(state.clone(), index, config, hw, timeout, &domain)?;
             list.push(queue, GFP_KERNEL)?;
         }
         if list.is_empty() {

@@ -39,8 +39,10 @@
 //! slot, the scheduler's reset work calls [`Group::terminate`](crate::group::Group::terminate),
 //! which signals the hardware fences of every ring of the group with the group's error and
 //! completes the reset with [`Recovery::Cancel`], what Panthor's `group_term_post_processing()`
-//! does for every job of a timed-out group, after the group left its slot. Destroying a group
-//! takes it off its slot ([`QueueHw::evict`]) before it ends the jobs on its rings.
+//! does for every job of a timed-out group, after the group left its slot. The queues of a group
+//! form a [`ResetDomain`]: a timeout stops all of them, so that no other queue of the group times
+//! out while it is being taken off its slot, and completing the reset resumes them all. Destroying
+//! a group takes it off its slot ([`QueueHw::evict`]) before it ends the jobs on its rings.
 //!
 //! # What is missing upstream
 //!
@@ -65,7 +67,6 @@ use kernel::{
         DmaFence,
         FenceAllocation,
         FenceContext,
-        FenceWorkqueue,
         SignallingSection,
         UniqueFence, //
     },
@@ -77,6 +78,7 @@ use kernel::{
         QueueOptions,
         QueueStats,
         Recovery,
+        ResetDomain,
         TimeoutAction, //
     },
     new_spinlock_irq,
@@ -483,24 +485,25 @@ pub(crate) struct Queue<H: QueueHw> {
 }
 
 impl<H: QueueHw> Queue<H> {
-    /// Creates the queue `index` of the group whose state is `group`.
+    /// Creates the queue `index` of the group whose state is `group`, in the group's reset
+    /// domain.
     ///
-    /// Its work runs on `wq`, shared by the queues of the group.
+    /// Its work runs on the domain's workqueue, shared by the queues of the group.
     pub(crate) fn new(
         group: Arc<GroupState>,
         index: u32,
         config: QueueConfig,
         hw: H,
         timeout: Delta,
-        wq: Arc<FenceWorkqueue>,
+        domain: &Arc<ResetDomain<TyrQueueBackend<H>>>,
     ) -> Result<Self> {
         let ring = QueueRing::new(group, index, config, hw)?;
         let mut options =
             QueueOptions::new(c"tyr", c"tyr-queue", config.args.capacity(), Some(timeout));
-        options.workqueue = Some(wq);
+        options.workqueue = Some(domain.workqueue().clone());
         options.allow_zero_credits = true;
         Ok(Self {
-            jobs: JobQueue::new(TyrQueueBackend { ring }, options)?,
+            jobs: JobQueue::new_in_domain(TyrQueueBackend { ring }, options, domain)?,
             profile_mask: config.profile_mask,
         })
     }

@@ -1411,7 +1411,7 @@ impl<T: Backend> Drop for StoppedQueue<'_, T> {
 /// `timeout_wq`).
 ///
 /// Its queues are made with [`JobQueue::new_in_domain`]. Their timeout and fault work run on
-/// the domain's ordered workqueue, one at a time. When a job of one of them times out, every
+/// the domain's workqueue, and are handled one at a time. When a job of one of them times out, every
 /// queue of the domain is stopped first, as by [`JobQueue::stop`] (its jobs on the hardware
 /// detached from their hardware fences, its timeout paused), then [`Backend::timed_out`] is
 /// called for the job, and what it returns applies to the whole domain:
@@ -1474,7 +1474,7 @@ impl<T: Backend> Drop for StoppedQueue<'_, T> {
 /// ```
 #[pin_data]
 pub struct ResetDomain<T: Backend> {
-    wq: FenceWorkqueue,
+    wq: Arc<FenceWorkqueue>,
     /// The queues of the domain. The lock is taken before the queues' own locks, one at a
     /// time, and is held across [`Backend::timed_out`]: the timeouts of the domain are handled
     /// one at a time. Nothing allocates under it.
@@ -1483,9 +1483,14 @@ pub struct ResetDomain<T: Backend> {
 }
 
 impl<T: Backend> ResetDomain<T> {
-    /// Creates an empty reset domain; `name` names its workqueue.
+    /// Creates an empty reset domain with an ordered workqueue of its own, named `name`.
     pub fn new(name: &'static CStr) -> Result<Arc<Self>> {
-        let wq = FenceWorkqueue::new_ordered(name)?;
+        Self::with_workqueue(Arc::new(FenceWorkqueue::new_ordered(name)?, GFP_KERNEL)?)
+    }
+
+    /// Creates an empty reset domain whose queues' timeout and fault work run on `wq`, for
+    /// example the workqueue the queues' other work runs on.
+    pub fn with_workqueue(wq: Arc<FenceWorkqueue>) -> Result<Arc<Self>> {
         Arc::pin_init(
             pin_init!(Self {
                 wq,
@@ -1493,6 +1498,11 @@ impl<T: Backend> ResetDomain<T> {
             }),
             GFP_KERNEL,
         )
+    }
+
+    /// Returns the workqueue of the domain's timeout and fault work.
+    pub fn workqueue(&self) -> &Arc<FenceWorkqueue> {
+        &self.wq
     }
 
     /// Adds a queue. The list grows outside the lock, which is taken in signalling sections.
@@ -1548,6 +1558,14 @@ impl<T: Backend> ResetDomain<T> {
     /// Handles the timeout of job `seqno` of `guilty`, for the whole domain.
     fn timed_out(&self, guilty: &Arc<Inner<T>>, seqno: u64) {
         let members = self.members.lock();
+        // A timeout handled meanwhile stopped the domain (for a reset the driver completes
+        // later), or the queue is going: its resume re-arms the timeout.
+        {
+            let proc = guilty.proc.lock();
+            if proc.stopped > 0 || proc.dead || proc.dying {
+                return;
+            }
+        }
         for member in members.iter() {
             member.stop();
         }
