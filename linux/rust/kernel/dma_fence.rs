@@ -1772,7 +1772,7 @@ impl CallbackKind for SignalProxy {
 ///   which the proxy holds a reference for as long as the fence points to the slot.
 /// - The slot's `source` is null or the fence `callback` is armed on (and holds a reference to).
 #[pin_data(PinnedDrop)]
-pub struct ProxyFence<H: CallbackKind> {
+pub struct ProxyFence<H> {
     #[pin]
     callback: FenceCallback<SignalProxy>,
     fence: ARef<DmaFence>,
@@ -1780,11 +1780,12 @@ pub struct ProxyFence<H: CallbackKind> {
     deadline: Opaque<DeadlineState<H>>,
 }
 
-// SAFETY: The slot's pointers are only used under the fence lock, from any thread; the hook is
-// `Send` and `Sync` as every `CallbackKind` is, and the other fields are `Send`.
-unsafe impl<H: CallbackKind> Send for ProxyFence<H> {}
+// SAFETY: The slot's pointers are only used under the fence lock, from any thread, and the hook
+// is only used through shared references, from any thread: it is `Sync`. The other fields are
+// `Send`.
+unsafe impl<H: Send + Sync> Send for ProxyFence<H> {}
 // SAFETY: Shared references only read the fence and, under its lock, the slot.
-unsafe impl<H: CallbackKind> Sync for ProxyFence<H> {}
+unsafe impl<H: Send + Sync> Sync for ProxyFence<H> {}
 
 /// What the `set_deadline` operation of a fence driven by a [`ProxyFence`] reaches.
 ///
@@ -1880,7 +1881,9 @@ impl<H: CallbackKind> ProxyFence<H> {
         let hook = unsafe { &*ptr::addr_of!((*state).hook) };
         hook.signalled(Ok(()), private::Token(()));
     }
+}
 
+impl<H> ProxyFence<H> {
     /// Returns the nesting level of the proxy's fence.
     fn level(&self) -> u32 {
         // SAFETY: By the type invariants `fence` was created by `FenceContext::init_fence`, and
@@ -1917,8 +1920,11 @@ impl<H: CallbackKind> ProxyFence<H> {
     /// A deadline before the boot (which only a broken caller sets) reads as the boot.
     pub fn deadline(&self) -> Option<Instant<Monotonic>> {
         let ktime = self.with_slot(|slot| slot.deadline);
+        if ktime == bindings::ktime_t::MAX {
+            return None;
+        }
         // SAFETY: The value is clamped to the range `Instant` requires.
-        (ktime != bindings::ktime_t::MAX).then(|| unsafe { Instant::from_ktime(ktime.max(0)) })
+        Some(unsafe { Instant::from_ktime(ktime.max(0)) })
     }
 
     /// Returns the proxy's fence, the one its consumers wait for.
@@ -1998,7 +2004,7 @@ impl<H: CallbackKind> ProxyFence<H> {
 }
 
 #[pinned_drop]
-impl<H: CallbackKind> PinnedDrop for ProxyFence<H> {
+impl<H> PinnedDrop for ProxyFence<H> {
     fn drop(self: Pin<&mut Self>) {
         let raw = self.fence.as_raw();
         // SAFETY: By the type invariants the fence points to our slot until now; clearing the
