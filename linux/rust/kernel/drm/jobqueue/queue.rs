@@ -1411,10 +1411,11 @@ impl<T: Backend> Drop for StoppedQueue<'_, T> {
 /// `timeout_wq`).
 ///
 /// Its queues are made with [`JobQueue::new_in_domain`]. Their timeout and fault work run on
-/// the domain's workqueue, and are handled one at a time. When a job of one of them times out, every
-/// queue of the domain is stopped first, as by [`JobQueue::stop`] (its jobs on the hardware
-/// detached from their hardware fences, its timeout paused), then [`Backend::timed_out`] is
-/// called for the job, and what it returns applies to the whole domain:
+/// the domain's workqueue, and their timeouts are handled one at a time. When a job of one of
+/// them times out, every queue of the domain is stopped first, as by [`JobQueue::stop`] (its
+/// jobs on the hardware detached from their hardware fences, its timeout paused), then
+/// [`Backend::timed_out`] is called for the job, and what it returns applies to the whole
+/// domain:
 ///
 /// - [`TimeoutAction::NoHang`]: every queue resumes with [`Recovery::Continue`].
 /// - [`TimeoutAction::Reset`]`(recovery)`: every queue resumes with `recovery`; the timed-out
@@ -1538,7 +1539,7 @@ impl<T: Backend> ResetDomain<T> {
             let found = members
                 .iter()
                 .position(|m| Arc::ptr_eq(m, member))
-                .and_then(|i| members.swap_remove(i).ok());
+                .and_then(|i| members.remove(i).ok());
             let pending = member.proc.lock().reset_guilty.take();
             (found, pending)
         };
