@@ -78,6 +78,11 @@
 //! signalling later touches nothing of the queue. The time a queue is stopped does not count
 //! towards a job's timeout.
 //!
+//! The queues of one device or firmware group that a reset takes down together form a
+//! [`ResetDomain`]: a timeout in one of them stops them all, and the recovery applies to all.
+//! Deadlines set on a done fence (`dma_fence_set_deadline()`) reach the hardware fence the job
+//! follows and [`Backend::deadline`].
+//!
 //! # Error, timeout and teardown semantics
 //!
 //! (1): unless the job's hardware fence had signalled success when the queue looked at it again
