@@ -856,7 +856,7 @@ impl<T: Backend> Inner<T> {
         };
         let mut node = node;
         let told = node.as_mut().project().deadline_told;
-        if *told == Some(deadline) {
+        if told.is_some_and(|t| (t - deadline).is_zero()) {
             return;
         }
         *told = Some(deadline);
