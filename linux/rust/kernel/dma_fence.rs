@@ -2016,6 +2016,9 @@ impl<H> PinnedDrop for ProxyFence<H> {
             bindings::dma_fence_unlock_irqrestore(raw, flags);
         }
         let owner = self.with_slot(|slot| slot.owner);
+        // SAFETY: The fence no longer points to the slot, so nothing else accesses the hook;
+        // `Opaque` does not drop it, so it is dropped once, here, before its module may go.
+        unsafe { ptr::drop_in_place(Opaque::cast_into(ptr::addr_of!(self.deadline))) };
         // SAFETY: By the type invariants the proxy held a reference on `owner` for the fence's
         // pointer to the slot, which is gone.
         unsafe { module_put(owner) };

@@ -239,29 +239,37 @@ impl MockRing {
         Ok(())
     }
 
-    /// Resets the ring: its jobs are lost and their fences signal `-ECANCELED`.
-    fn reset(&self) {
+    /// Resets the ring: the jobs on it are lost and their fences signal `-ECANCELED`.
+    ///
+    /// A job pushed meanwhile (the queue hands on the next job as soon as a lost job's fence has
+    /// signalled and its credits are back) is not lost: the ring starts on it.
+    fn reset(self: &Arc<Self>) {
         let old = self.handle.lock().take();
         drop(old);
-        loop {
+        let lost = {
+            let mut st = self.state.lock();
+            st.hung = false;
+            st.fifo.len()
+        };
+        for _ in 0..lost {
             let entry = {
                 let mut st = self.state.lock();
-                match st.fifo.remove(0) {
-                    Ok(e) => {
-                        st.credits -= e.credits;
-                        Some(e)
-                    }
-                    Err(_) => {
-                        st.busy = false;
-                        st.hung = false;
-                        None
-                    }
-                }
+                let Ok(entry) = st.fifo.remove(0) else {
+                    break;
+                };
+                st.credits -= entry.credits;
+                entry
             };
-            match entry {
-                Some(e) => e.fence.signal(Err(ECANCELED)),
-                None => break,
-            }
+            entry.fence.signal(Err(ECANCELED));
+        }
+        let next = {
+            let mut st = self.state.lock();
+            let next = st.fifo.first().map(|e| e.duration);
+            st.busy = next.is_some();
+            next
+        };
+        if let Some(duration) = next {
+            self.kick(duration);
         }
     }
 
@@ -521,9 +529,9 @@ impl Backend for MockBackend {
 struct RingGuard(Arc<MockRing>);
 
 impl core::ops::Deref for RingGuard {
-    type Target = MockRing;
+    type Target = Arc<MockRing>;
 
-    fn deref(&self) -> &MockRing {
+    fn deref(&self) -> &Arc<MockRing> {
         &self.0
     }
 }
