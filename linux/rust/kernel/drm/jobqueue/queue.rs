@@ -420,7 +420,8 @@ impl<T: Backend> Proc<T> {
     /// Recovers the detached running jobs as `recovery` says; `guilty` times out.
     ///
     /// A job whose hardware fence signalled success has completed, whatever `recovery` says: it
-    /// is neither run again nor failed. A hardware fence that signalled an error may have been
+    /// is neither run again nor failed, unless a job before it is resubmitted (the ring then
+    /// runs it again too, in order). A hardware fence that signalled an error may have been
     /// signalled by the reset itself: `recovery` decides.
     fn recover(&mut self, recovery: Recovery, guilty: Option<u64>) {
         let mut resubmit_from = None;
@@ -933,7 +934,8 @@ impl<T: Backend> Inner<T> {
 /// The counters of a [`JobQueue`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
-    /// Jobs submitted and not handed to the hardware yet.
+    /// Jobs submitted and not handed to the hardware yet, and jobs that have ended but whose
+    /// done fence waits for the jobs before it.
     pub waiting: u32,
     /// Jobs handed to the hardware and not finished yet.
     pub running: u32,
