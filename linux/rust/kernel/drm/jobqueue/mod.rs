@@ -27,8 +27,8 @@
 //!                              +-------------+  a dependency failed     +------------+
 //!                              |   waiting   | -----------------------> |  finished  |
 //!                              | (deps, room)|   Backend::run() failed  | done fence |
-//!                              +-------------+   queue torn down        | = error    |
-//!                                     |          (in order)             +------------+
+//!                              +-------------+   queue torn down,       | = error    |
+//!                                     |          device gone (in order) +------------+
 //!             dependencies signalled, |                                       ^
 //!             credits available       v                                       |
 //!                              +-------------+  hardware fence signals  +------------+
@@ -46,31 +46,36 @@
 //!
 //! # Rules the types enforce
 //!
-//! - Every allocation happens in [`JobQueue::new_job`] and [`Job::add_dependency`]; once
-//!   [`JobQueue::submit`] has started, nothing allocates, and submission cannot fail: it fails
-//!   only before it starts, handing the job back.
-//! - A done fence signals exactly once: by the hardware fence it follows, or with an error if the
-//!   job never ran (a dependency failed, `run` failed, the queue was torn down or the device is
-//!   gone). Done fences of a queue signal in submission order. A job that ends without the
-//!   hardware does not hold back the jobs behind it from running, only their done fences.
-//! - The driver's payload is dropped in process context only, by the queue's work, after the job
-//!   finished and after the credits it took are back and handed on: its `Drop` may sleep, but
-//!   must not wait for fences (the queue's work waits for it).
+//! - Every allocation happens in [`JobQueue::new_job`] and [`Job::add_dependency`] (or
+//!   [`Job::reserve_dependencies`]); once [`JobQueue::submit`] has started, nothing allocates,
+//!   and submission cannot fail: it fails only before it starts, handing the job back.
+//! - A done fence signals exactly once: by the hardware fence it follows, or by the queue, with
+//!   the result of a hardware fence that had signalled when `run` returned it, or with an error
+//!   if the job did not run (a dependency failed, `run` failed, the queue was torn down or the
+//!   device is gone) or the backend gave it up (a timeout, a reset). Done fences of a queue
+//!   signal in submission order. A job that ends without the hardware does not hold back the
+//!   jobs behind it from running, only their done fences.
+//! - The driver's payload is dropped in process context only, by the queue's retire work or by
+//!   the thread that drops the queue, after the job finished and after the credits it took are
+//!   back and handed on: its `Drop` may sleep, but must not wait for fences (the queue's work
+//!   waits for it).
 //!
 //! # What the hardware may still use
 //!
 //! A running job's done fence signals only through its hardware fence, or after the backend has
 //! told the queue that the hardware will not touch the job again; its payload (its buffers, its
 //! VM) is dropped only after that. The backend says so by returning
-//! [`TimeoutAction::Reset`] or [`TimeoutAction::DeviceGone`] from [`Backend::timed_out`], by
-//! resuming a stopped queue with [`Recovery::Cancel`] or [`Recovery::Resubmit`], and at teardown
-//! by returning from [`Backend::stop_hardware`]. [`TimeoutAction::NoHang`] and
+//! [`TimeoutAction::Reset`] or [`TimeoutAction::DeviceGone`] from [`Backend::timed_out`] (or
+//! [`TimeoutAction::ResetLater`] and then calling [`JobQueue::reset_done`]), by resuming a stopped
+//! queue with [`Recovery::Cancel`] or [`Recovery::Resubmit`], and at teardown by returning from
+//! [`Backend::stop_hardware`]. [`TimeoutAction::NoHang`] and
 //! [`Recovery::Continue`] leave the jobs following their hardware fences, and the timeout armed.
 //!
 //! A job whose hardware fence signalled success while the queue was stopped, or while the
 //! backend handled a timeout, has completed: it finishes successfully whatever the recovery,
-//! and is not run again. A hardware fence that signalled an error meanwhile may have been
-//! signalled by the reset itself: the recovery decides.
+//! and is not run again, unless [`Recovery::Resubmit`] runs a job before it again (the ring
+//! then runs it again too, in order). A hardware fence that signalled an error meanwhile may
+//! have been signalled by the reset itself: the recovery decides.
 //!
 //! Dropping the [`JobQueue`] gives the jobs on the hardware one timeout, all together, to
 //! finish, then calls [`Backend::stop_hardware`], and only then ends the jobs left, in order. It
@@ -87,7 +92,8 @@
 //!
 //! (1): unless the job's hardware fence had signalled success when the queue looked at it again
 //! (at the resume, after [`Backend::timed_out`] or after [`Backend::stop_hardware`]): the job
-//! then finishes `Ok`, without [`Backend::cancelled`].
+//! then finishes `Ok`, without [`Backend::cancelled`]. With [`Recovery::Resubmit`], only if no
+//! job before it runs again.
 //!
 //! | event | done fence | [`Backend::cancelled`] |
 //! |---|---|---|
@@ -100,7 +106,7 @@
 //! | on the hardware at a reset or resume, [`Recovery::Resubmit`] (1) | runs again | - |
 //! | [`TimeoutAction::DeviceGone`], not ended yet (1) | `-ENODEV` | yes |
 //! | not run when the queue is dropped | `-ECANCELED` | yes |
-//! | ended as in rows 2-4, not signalled when the queue is dropped | as in rows 2-4 | as there |
+//! | ended as in rows 2-6, not signalled when the queue is dropped | as in rows 2-6 | as there |
 //! | on the hardware a timeout into the drop, [`Backend::stop_hardware`] (1) | `-ECANCELED` | yes |
 //!
 //! # Examples
@@ -224,8 +230,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Stops the ring for good; called once, when the [`JobQueue`] is dropped.
     ///
     /// Teardown first gives the jobs on the hardware one timeout (all together) to finish, then
-    /// calls this, and only then ends the jobs left: their done fences signal `-ECANCELED` and
-    /// their payloads are dropped. So when this returns, the hardware must not touch any job
+    /// calls this, and only then ends the jobs left: their done fences signal `-ECANCELED` (or
+    /// the result they already had, see the table in the [module documentation](self)) and their
+    /// payloads are dropped. So when this returns, the hardware must not touch any job
     /// of the queue again, and the hardware fences of its jobs have signalled or never will
     /// (the role of drm_sched's `cancel_job`): take the ring off the hardware, wait for the
     /// firmware to confirm, or reset it. A ring whose device is gone has nothing to do.
@@ -277,7 +284,8 @@ pub enum TimeoutAction {
 /// reset.
 ///
 /// Jobs whose hardware fence signalled success before or during the stop (or the handling of a
-/// timeout) finish successfully in every case: they are neither run again nor cancelled. A
+/// timeout) finish successfully: they are neither run again nor cancelled, unless
+/// [`Recovery::Resubmit`] runs a job before them again (they then run again too, in order). A
 /// hardware fence that signalled an error meanwhile may have been signalled by the reset: the
 /// recovery decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -447,7 +447,8 @@ impl<T: Backend> Proc<T> {
     /// Recovers the detached running jobs as `recovery` says; `guilty` times out.
     ///
     /// A job whose hardware fence signalled success has completed, whatever `recovery` says: it
-    /// is neither run again nor failed. A hardware fence that signalled an error may have been
+    /// is neither run again nor failed, unless a job before it is resubmitted (the ring then
+    /// runs it again too, in order). A hardware fence that signalled an error may have been
     /// signalled by the reset itself: `recovery` decides.
     fn recover(&mut self, recovery: Recovery, guilty: Option<u64>) {
         let mut resubmit_from = None;
@@ -1017,7 +1018,8 @@ impl<T: Backend> Inner<T> {
 /// The counters of a [`JobQueue`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
-    /// Jobs submitted and not handed to the hardware yet.
+    /// Jobs submitted and not handed to the hardware yet, and jobs that have ended but whose
+    /// done fence waits for the jobs before it.
     pub waiting: u32,
     /// Jobs handed to the hardware and not finished yet.
     pub running: u32,
@@ -1244,6 +1246,65 @@ impl<T: Backend> JobQueue<T> {
     /// the queue. The jobs on the hardware are detached from their hardware fences: those that
     /// signal meanwhile are ignored, and [`StoppedQueue::resume`] decides their fate. Submission
     /// keeps working. Sleeps; must not be called from a [`Backend`] method.
+    ///
+    /// # Examples
+    ///
+    /// A reset of the ring that loses the job on it:
+    ///
+    /// ```
+    /// # use kernel::dma_fence::{DmaFence, FenceContext, UniqueFence};
+    /// # use kernel::drm::jobqueue::{Backend, JobQueue, JobRef, QueueOptions};
+    /// # use kernel::drm::jobqueue::{Recovery, TimeoutAction};
+    /// # use kernel::new_spinlock;
+    /// # use kernel::sync::{aref::ARef, Arc, Completion, SpinLock};
+    /// # /// A ring that leaves the hardware fence of its last job to the example.
+    /// # struct Ring {
+    /// #     hw: FenceContext,
+    /// #     last: Arc<SpinLock<Option<UniqueFence>>>,
+    /// #     reset_asked: Arc<Completion>,
+    /// # }
+    /// # impl Backend for Ring {
+    /// #     type Job = ();
+    /// #     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
+    /// #         let fence = self.hw.new_fence(GFP_NOWAIT)?;
+    /// #         let hw = fence.to_aref();
+    /// #         *self.last.lock() = Some(fence);
+    /// #         Ok(hw)
+    /// #     }
+    /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
+    /// #         // Asks the firmware to take the ring off the hardware, which takes a while.
+    /// #         self.reset_asked.complete_all();
+    /// #         TimeoutAction::ResetLater
+    /// #     }
+    /// #     fn stop_hardware(&self) {
+    /// #         let last = self.last.lock().take();
+    /// #         if let Some(fence) = last {
+    /// #             fence.signal(Err(ECANCELED));
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let last = Arc::pin_init(new_spinlock!(None), GFP_KERNEL)?;
+    /// # let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
+    /// # let ring = Ring {
+    /// #     hw: FenceContext::new(c"example", c"ring0-hw"),
+    /// #     last: last.clone(),
+    /// #     reset_asked: reset_asked.clone(),
+    /// # };
+    /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
+    /// // Next in line: `submit` hands it to `Backend::run` at once.
+    /// let done = queue.submit(queue.new_job(1, ())?)?;
+    ///
+    /// let stopped = queue.stop();
+    /// // The reset signals the lost job's hardware fence with an error: the stopped queue
+    /// // ignores it, and the recovery decides.
+    /// let lost = last.lock().take();
+    /// if let Some(fence) = lost {
+    ///     fence.signal(Err(EIO));
+    /// }
+    /// stopped.resume(Recovery::Cancel(EIO));
+    /// assert_eq!(done.status(), Some(Err(EIO)));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn stop(&self) -> StoppedQueue<'_, T> {
         self.inner.stop();
         StoppedQueue {
@@ -1260,6 +1321,68 @@ impl<T: Backend> JobQueue<T> {
     /// Call it from the driver's reset work once the hardware no longer runs the ring (or runs
     /// it again, for [`Recovery::Continue`]). Fails with `EINVAL` if no such reset is pending.
     /// Sleeps; must not be called from a [`Backend`] method.
+    ///
+    /// # Examples
+    ///
+    /// A fault on the ring, whose reset the driver completes from its own work:
+    ///
+    /// ```
+    /// # use kernel::dma_fence::{DmaFence, FenceContext, UniqueFence};
+    /// # use kernel::drm::jobqueue::{Backend, JobQueue, JobRef, QueueOptions};
+    /// # use kernel::drm::jobqueue::{Recovery, TimeoutAction};
+    /// # use kernel::new_spinlock;
+    /// # use kernel::sync::{aref::ARef, Arc, Completion, SpinLock};
+    /// # /// A ring that leaves the hardware fence of its last job to the example.
+    /// # struct Ring {
+    /// #     hw: FenceContext,
+    /// #     last: Arc<SpinLock<Option<UniqueFence>>>,
+    /// #     reset_asked: Arc<Completion>,
+    /// # }
+    /// # impl Backend for Ring {
+    /// #     type Job = ();
+    /// #     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
+    /// #         let fence = self.hw.new_fence(GFP_NOWAIT)?;
+    /// #         let hw = fence.to_aref();
+    /// #         *self.last.lock() = Some(fence);
+    /// #         Ok(hw)
+    /// #     }
+    /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
+    /// #         // Asks the firmware to take the ring off the hardware, which takes a while.
+    /// #         self.reset_asked.complete_all();
+    /// #         TimeoutAction::ResetLater
+    /// #     }
+    /// #     fn stop_hardware(&self) {
+    /// #         let last = self.last.lock().take();
+    /// #         if let Some(fence) = last {
+    /// #             fence.signal(Err(ECANCELED));
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let last = Arc::pin_init(new_spinlock!(None), GFP_KERNEL)?;
+    /// # let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
+    /// # let ring = Ring {
+    /// #     hw: FenceContext::new(c"example", c"ring0-hw"),
+    /// #     last: last.clone(),
+    /// #     reset_asked: reset_asked.clone(),
+    /// # };
+    /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
+    /// // Next in line: `submit` hands it to `Backend::run` at once.
+    /// let done = queue.submit(queue.new_job(1, ())?)?;
+    ///
+    /// // The oldest job on the ring times out now, from the queue's work.
+    /// queue.fault();
+    /// reset_asked.wait_for_completion();
+    ///
+    /// // The driver's reset work, once the ring is off the hardware.
+    /// let lost = last.lock().take();
+    /// if let Some(fence) = lost {
+    ///     fence.signal(Err(EIO));
+    /// }
+    /// queue.reset_done(Recovery::Cancel(EIO))?;
+    /// assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
+    /// assert_eq!(queue.reset_done(Recovery::Continue), Err(EINVAL));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn reset_done(&self, recovery: Recovery) -> Result {
         let guilty = self.inner.proc.lock().reset_guilty.take().ok_or(EINVAL)?;
         match &self.inner.domain {
