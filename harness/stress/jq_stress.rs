@@ -914,7 +914,16 @@ impl Drop for AfterTeardown {
         C.teardowns.inc();
         self.ring.reset();
         let tracked = self.order.tracked.load(ordering::Relaxed);
-        let signalled = self.order.signalled.load(ordering::Relaxed);
+        let mut signalled = self.order.signalled.load(ordering::Relaxed);
+        // A callback may still be running on another CPU, for a done fence whose signal the
+        // teardown did not wait for: give it a moment.
+        for _ in 0..50 {
+            if tracked == signalled {
+                break;
+            }
+            fsleep(Delta::from_millis(2));
+            signalled = self.order.signalled.load(ordering::Relaxed);
+        }
         if tracked != signalled {
             C.v_unsignalled_at_teardown
                 .0
