@@ -40,8 +40,9 @@ def main():
 
     problems = []
     for i, text in enumerate(lines):
-        if text.startswith('jq-stress: '):
-            print(text)
+        at = text.find('jq-stress: ')
+        if at >= 0:
+            print(text[at:])
         if any(b.search(text) for b in BENIGN):
             continue
         for pat, what in BAD + STRESS_BAD:
