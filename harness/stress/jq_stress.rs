@@ -325,6 +325,8 @@ struct Ring {
     state: SpinLockIrq<RingState>,
     #[pin]
     handle: SpinLockIrq<Option<ArcHrTimerHandle<Ring>>>,
+    /// Jobs put on the ring whose fence has not signalled yet (they leave `fifo` before).
+    unsignalled: Atomic<u32>,
 }
 
 impl_has_hr_timer! {
@@ -385,6 +387,7 @@ impl HrTimerCallback for Ring {
             };
             entry.fence.signal(result);
             C.hw_signalled.inc();
+            this.unsignalled.fetch_sub(1, ordering::Release);
         }
         match next {
             Some(delta) => {
@@ -416,6 +419,7 @@ impl Ring {
                     gone: false,
                 }),
                 handle <- new_spinlock_irq!(None),
+                unsignalled: Atomic::new(0),
             }),
             GFP_KERNEL,
         )
@@ -472,6 +476,7 @@ impl Ring {
                 C.hw_signalled.inc();
                 return Err(ENOSPC);
             }
+            self.unsignalled.add(1, ordering::Relaxed);
             !core::mem::replace(&mut st.busy, true)
         };
         if start {
@@ -503,6 +508,7 @@ impl Ring {
                 Some(e) => {
                     e.fence.signal(Err(ECANCELED));
                     C.hw_signalled.inc();
+                    self.unsignalled.fetch_sub(1, ordering::Release);
                 }
                 None => break,
             }
@@ -528,6 +534,7 @@ impl Ring {
         };
         entry.fence.signal(Err(ECANCELED));
         C.hw_signalled.inc();
+        self.unsignalled.fetch_sub(1, ordering::Release);
         if let Some(deadline) = next {
             let now = Instant::<Monotonic>::now();
             self.kick((deadline - now).max(Delta::from_micros(1)));
@@ -539,6 +546,13 @@ impl Ring {
         self.state.lock().dead = true;
         let old = self.handle.lock().take();
         drop(old);
+    }
+
+    /// Returns whether every job put on the ring has signalled. Only `run` adds jobs, one at a
+    /// time per queue.
+    fn idle(&self) -> bool {
+        let st = self.state.lock();
+        !st.dead && !st.gone && self.unsignalled.load(ordering::Acquire) == 0
     }
 
     /// Returns whether `fence` is the hung job at the head of the ring.
@@ -633,8 +647,9 @@ impl Backend for StressBackend {
         job.hw = Some(hw.clone());
         let credits = job.credits();
         let (duration, behaviour) = (job.duration, job.behaviour);
-        if duration.is_zero() && behaviour == Behaviour::Complete {
-            // Done by the time `run` returns.
+        if duration.is_zero() && behaviour == Behaviour::Complete && self.ring.idle() {
+            // Done by the time `run` returns. Only on an idle ring: the hardware completes the
+            // jobs of a ring in order, and the queue relies on it.
             fence.signal(Ok(()));
             C.hw_signalled.inc();
             C.completed_in_run.inc();
@@ -744,9 +759,8 @@ impl OrderState {
         let window = self.window.lock();
         if let Some(prev) = &window[(previous % WINDOW as u64) as usize] {
             // SAFETY: `prev` is a valid fence; testing its flag takes no lock.
-            if prev.seqno() == previous
-                && !unsafe { bindings::dma_fence_test_signaled_flag(prev.as_raw()) }
-            {
+            let prev_signalled = unsafe { bindings::dma_fence_test_signaled_flag(prev.as_raw()) };
+            if prev.seqno() == previous && !prev_signalled {
                 C.v_done_order.inc();
             }
         }
