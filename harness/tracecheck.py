@@ -278,7 +278,9 @@ def check_files(tool, report, stats_log=None, raw=None, require=None):
         raw_lines = read_lines(raw)
         if raw_lines is None:
             return [f'{tool}: no raw report ({raw})'], ''
-    want = tuple(EVENTS) if not require else tuple(require.split(','))
+    if isinstance(require, str):
+        require = require.split(',')
+    want = tuple(require or EVENTS)
     return check(trace, tool, stats, raw_lines, want)
 
 
