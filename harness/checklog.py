@@ -8,8 +8,10 @@ kernel crashed or did not finish, or the log shows a lockdep report, BUG:,
 WARNING:, a sleep in atomic context, a KASAN or kmemleak report or a Rust panic.
 With --require-lockdep and --require-kmemleak it also requires proof, from the
 post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned,
-and with --require-trace that the drm_jobqueue trace events recorded during the
-run are complete and consistent (tracecheck.py), counted as one more case. With
+and with --require-trace that the drm_jobqueue and dma_fence trace events are
+complete and consistent as trace-cmd read back the ring buffer of the run and
+as perf script read perf's recording of the demo (tracecheck.py), counted as
+two more cases. With
 --require-module-unload, the post-test init's lines about the harness/modules
 are three more cases: fence_balanced unloaded, fence_leak (unsignalled fences
 leaked) and callback_leak (an armed callback leaked) were refused.
@@ -56,7 +58,7 @@ BENIGN = [
     re.compile(r'jq-harness: kmemleak 0$'),
     re.compile(r'Lock dependency validator'),
     re.compile(r'^\s*#'),  # KTAP diagnostics of passing cases
-    re.compile(r'jq-harness: (trace|profile): '),  # base64, checked apart
+    re.compile(r'jq-harness: (trace\.dat|perf\.data|profile): '),  # base64, checked apart
 ]
 
 RESULT = re.compile(r'^\s*(ok|not ok) \d+ (\S+)(.*)$')
@@ -74,7 +76,11 @@ def main():
     ap.add_argument('--uml', action='store_true',
                     help='ignore the lockdep report 7.3.4 prints on UML at boot, before KUnit starts')
     ap.add_argument('--require-trace', action='store_true',
-                    help='the drm_jobqueue trace events of the run must pass harness/tracecheck.py')
+                    help='the trace events, as trace-cmd report (--trace-cmd, --trace-cmd-raw) '
+                    'and perf script (--perf-script) read them, must pass harness/tracecheck.py')
+    ap.add_argument('--trace-cmd', help='the output of trace-cmd report on the run\'s trace.dat')
+    ap.add_argument('--trace-cmd-raw', help='the output of trace-cmd report -R on it')
+    ap.add_argument('--perf-script', help='the output of perf script on the demo\'s perf.data')
     ap.add_argument('--require-module-unload', action='store_true',
                     help='fence_balanced must have unloaded, fence_leak and callback_leak must '
                     'have been refused')
@@ -154,13 +160,20 @@ def main():
                 problems.append(f'failed check: {case}: module {module}: {got}, expected {want}')
 
     if args.require_trace:
-        trace_problems, trace_summary = tracecheck.check(lines)
-        if trace_problems:
-            failed += 1
-            problems += [f'trace events: {p}' for p in trace_problems]
-        else:
-            passed += 1
-            print(f'checklog: trace events: {trace_summary}')
+        for tool, result in (
+                ('trace-cmd', tracecheck.check_files('trace-cmd', args.trace_cmd or '',
+                                                     args.log, args.trace_cmd_raw or '-')),
+                # perf records the demo, which stops no queue: it resets in its
+                # timeout handler. The suites' recording has all eight events.
+                ('perf', tracecheck.check_files('perf', args.perf_script or '',
+                                                require=tracecheck.DEMO_EVENTS))):
+            trace_problems, trace_summary = result
+            if trace_problems:
+                failed += 1
+                problems += [f'trace events ({tool}): {p}' for p in trace_problems]
+            else:
+                passed += 1
+                print(f'checklog: trace events ({tool}): {trace_summary}')
 
     if not leaf:
         problems.append('no KUnit results in the log: the kernel did not run the suites')

@@ -24,3 +24,19 @@ def read(lines, name):
     if not data:
         return None
     return gzip.decompress(base64.b64decode(''.join(data)))
+
+
+def main():
+    """dump.py LOG NAME OUT: writes what LOG holds as NAME to OUT; exits 1 if nothing."""
+    import sys
+    with open(sys.argv[1], errors='replace') as f:
+        data = read(f, sys.argv[2])
+    if data is None:
+        return 1
+    with open(sys.argv[3], 'wb') as out:
+        out.write(data)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

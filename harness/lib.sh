@@ -14,10 +14,12 @@ KSERIES=7.3
 KPKG=linux-source-$KSERIES
 
 # Everything the build root needs. Changing this list remakes the root.
+# trace-cmd and perf (linux-perf) record the trace events in the test guest
+# (copied into its initramfs) and read them back on the host.
 ROOT_PKGS="build-essential bc bison flex libelf-dev libssl-dev python3 rustc
 rust-src bindgen clang lld llvm libclang-dev kmod cpio xz-utils rsync git
 rustfmt rust-clippy perl python3-ply python3-git qemu-system-x86 busybox-static
-ca-certificates"
+ca-certificates trace-cmd linux-perf"
 
 log() { printf '[harness] %s\n' "$*" >&2; }
 die() { printf '[harness] error: %s\n' "$*" >&2; exit 1; }
@@ -50,6 +52,7 @@ ensure_root() {
 	local name=$1 extra=${2:-} dir tmp
 	dir=$(root_dir "$name" "$extra")
 	if [ -e "$dir/.complete" ]; then
+		touch "$dir/.used"
 		echo "$dir"
 		return
 	fi
@@ -60,7 +63,12 @@ ensure_root() {
 	}
 	log "creating build root $dir (about a minute)"
 	tmp="$dir.tmp"
-	rm -rf "$tmp" "$CACHE"/root-"$name"-*
+	rm -rf "$tmp"
+	# Roots of an older package list go once unused for two days: a checkout
+	# of an older revision sharing the cache still finds its root meanwhile.
+	find "$CACHE" -maxdepth 1 -name "root-$name-*" ! -name "${dir##*/}" -type d \
+		-exec sh -c '[ -z "$(find "$1/.used" "$1/.complete" -mmin -2880 2>/dev/null)" ]' sh {} \; \
+		-exec rm -rf {} + 2>/dev/null || true
 	# shellcheck disable=SC2086
 	mmdebstrap --variant=apt --components=main \
 		--include="$(echo $ROOT_PKGS | tr ' ' ',')" \

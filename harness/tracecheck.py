@@ -1,12 +1,19 @@
 # SPDX-License-Identifier: GPL-2.0
-"""Checks the drm_jobqueue trace events recorded during the x86_64 test run.
+"""Checks the drm_jobqueue trace events as the tracing tools read them back.
 
-The test kernel boots with trace_event=drm_jobqueue:* (harness/qemu/x86_64.py);
-the initramfs prints the ring buffer after the suites, gzipped and in base64
-(harness/initramfs-init). Every job the suites submit must have left a
-consistent record, field by field:
+The test kernel boots with trace_event=drm_jobqueue:* and the dma_fence events
+(harness/qemu/x86_64.py), which fill the ring buffer during the suites; after
+them the initramfs saves the buffer with `trace-cmd extract` and records the
+job-queue demo (loaded as a module) with `perf record -e 'drm_jobqueue:*'`
+(harness/initramfs-init). harness/run reads both back on the host with
+`trace-cmd report` and `perf script`, whose libtraceevent parses each field by
+the event's format file. Every job of a recording must have left a consistent
+record, field by field:
 
-- each event parses with the fields of include/trace/events/drm_jobqueue.h;
+- no field failed to parse (libtraceevent's "[FAILED TO PARSE]"), every
+  drm_jobqueue and dma_fence line parses with the fields of
+  include/trace/events/drm_jobqueue.h, and in trace-cmd's raw output (-R) every
+  event carries exactly the fields of its format, named as in gpu_scheduler;
 - job_add_dep events precede their job's job_queue, which counts them in deps,
   and never name the job's own fence;
 - job_run, job_cancel and job_timeout follow their job's job_queue, the
@@ -15,16 +22,15 @@ consistent record, field by field:
 - every submitted job has exactly one job_done, after a job_run or job_cancel,
   with the error of its job_cancel if it has one;
 - queue_stop and queue_start alternate per queue;
-- all eight events fired, and the ring buffer lost nothing;
-- every dma_fence created during the run (dma_fence_init) signalled exactly
-  once (dma_fence_signaled), whatever its driver, Rust or C.
+- the events the recording must show all fired, and nothing was lost;
+- every dma_fence created during the recording (dma_fence_init) signalled
+  exactly once (dma_fence_signaled), whatever its driver, Rust or C.
 
-check(lines) returns (problems, summary).
+check(report, ...) returns (problems, summary); the command line checks the
+files harness/run wrote.
 """
 
 import re
-
-import dump
 
 FENCE = r'(\d+):(\d+)'
 EVENTS = {
@@ -41,26 +47,39 @@ EVENTS = {
     'queue_start': re.compile(r'^ring=(\S+), context=(\d+) '
                               r'resumed: (continue|resubmit|cancel)$'),
 }
-LINE = re.compile(r'\s(\d+\.\d+): drm_jobqueue_(\w+): (.*)$')
+# An event line of `trace-cmd report` ("comm-pid [cpu] flags ts: name: fields")
+# or of `perf script` ("comm pid [cpu] ts: system:name: fields").
+LINE = re.compile(r'\s(\d+\.\d+):\s+(?:drm_jobqueue:)?drm_jobqueue_(\w+):\s+(.*)$')
 # The dma_fence events the run also records: every fence created while the
 # kernel ran (Rust or C) must signal exactly once.
-FENCE_EVENT = re.compile(r'\s\d+\.\d+: dma_fence_(init|signaled): driver=(.*?) timeline=(.*?) '
-                         r'context=(\d+) seqno=(\d+)$')
+FENCE_EVENT = re.compile(r'\s\d+\.\d+:\s+(?:dma_fence:)?dma_fence_(init|signaled):\s+'
+                         r'driver=(.*?) timeline=(.*?) context=(\d+) seqno=(\d+)$')
+# Any line naming one of the events, parsed or not.
+ANY_EVENT = re.compile(r'(?:drm_jobqueue_\w+|dma_fence_(?:init|signaled)):')
+# What libtraceevent prints for an event or field it cannot parse, and what
+# trace-cmd and perf print where events were lost.
+UNPARSED = re.compile(r'FAILED TO PARSE|EVENTS DROPPED|LOST EVENTS|PERF_RECORD_LOST')
+# The fields of each event's format file (trace-cmd report -R), in order.
+FIELDS = {
+    'job_queue': ['name', 'fence_context', 'fence_seqno', 'credits', 'deps', 'job_count',
+                  'hw_job_count'],
+    'job_add_dep': ['fence_context', 'fence_seqno', 'ctx', 'seqno'],
+    'job_run': ['name', 'fence_context', 'fence_seqno', 'hw_context', 'hw_seqno', 'job_count',
+                'hw_job_count'],
+    'job_done': ['fence_context', 'fence_seqno', 'error'],
+    'job_cancel': ['fence_context', 'fence_seqno', 'error'],
+    'job_timeout': ['name', 'fence_context', 'fence_seqno', 'action'],
+    'queue_stop': ['name', 'fence_context', 'what'],
+    'queue_start': ['name', 'fence_context', 'what'],
+}
+RAW_LINE = re.compile(r'\s\d+\.\d+:\s+drm_jobqueue_(\w+):\s+(.*)$')
+RAW_FIELD = re.compile(r'(\w+)=(\S+)')
+# The events of the demo (samples/rust/rust_jobqueue_demo.rs), which perf
+# records: its backend resets the hung ring in its timeout handler, so it
+# stops no queue.
+DEMO_EVENTS = ('job_queue', 'job_add_dep', 'job_run', 'job_done', 'job_cancel', 'job_timeout')
 # Drivers of fences that a check leaks on purpose (harness/modules).
 LEAKED_ON_PURPOSE = {'fence_leak', 'callback_leak'}
-
-
-def decode(lines):
-    """Returns the trace lines and the buffer statistics printed by the initramfs."""
-    stats = None
-    for line in lines:
-        m = re.search(r'jq-harness: trace entries-in-buffer/entries-written: (\d+)/(\d+)', line)
-        if m:
-            stats = (int(m.group(1)), int(m.group(2)))
-    data = dump.read(lines, 'trace')
-    if data is None:
-        return None, stats
-    return data.decode(errors='replace').splitlines(), stats
 
 
 def check_fences(trace, bad):
@@ -94,20 +113,45 @@ def check_fences(trace, bad):
             f'{len({f[0] for f in created})} contexts of {len(drivers)} drivers')
 
 
-def check(log_lines):
-    trace, stats = decode(log_lines)
-    if trace is None:
-        return ['no drm_jobqueue trace in the log (trace_event= and the initramfs)'], ''
+def check_raw(raw, bad):
+    """Every drm_jobqueue event of `trace-cmd report -R` has exactly its fields."""
+    n = 0
+    for line in raw:
+        m = RAW_LINE.search(line)
+        if not m:
+            continue
+        n += 1
+        kind, rest = m.group(1), m.group(2)
+        names = [f.group(1) for f in RAW_FIELD.finditer(rest)]
+        if names != FIELDS.get(kind):
+            bad(f'raw {kind}: fields {names}, expected {FIELDS.get(kind)}: {rest}')
+    if n == 0:
+        bad('no drm_jobqueue event in the raw report')
+
+
+def check(trace, tool, stats=None, raw=None, require=tuple(EVENTS)):
+    """Checks the lines of TOOL's report (trace-cmd report or perf script).
+
+    STATS is the ring buffer's (entries kept, entries written), RAW the lines
+    of `trace-cmd report -R`, REQUIRE the events that must have fired."""
     problems = []
 
     def bad(msg):
         if len(problems) < 20:
             problems.append(msg)
 
-    if stats is None:
-        bad('the ring buffer statistics are missing')
-    elif stats[0] != stats[1]:
+    if not trace:
+        return [f'{tool}: no output'], ''
+    if stats is not None and stats[0] != stats[1]:
         bad(f'the ring buffer lost events: {stats[0]} of {stats[1]} kept')
+    for line in trace + (raw or []):
+        if UNPARSED.search(line):
+            bad(f'{tool} could not parse or lost events: {line.strip()}')
+        elif ANY_EVENT.search(line) and not (LINE.search(line) or FENCE_EVENT.search(line)
+                                             or RAW_LINE.search(line)):
+            bad(f'{tool}: an event line that does not parse: {line.strip()}')
+    if raw is not None:
+        check_raw(raw, bad)
 
     counts = {k: 0 for k in EVENTS}
     queued = {}       # fence -> deps announced by job_queue
@@ -183,8 +227,62 @@ def check(log_lines):
             bad(f'{fence} was submitted but has no job_done')
     fences = check_fences(trace, bad)
     for kind, n in counts.items():
-        if n == 0:
+        if n == 0 and kind in require:
             bad(f'drm_jobqueue_{kind} never fired')
     summary = (f'{len(queued)} jobs traced, {sum(counts.values())} events '
                f'(' + ', '.join(f'{k} {n}' for k, n in counts.items()) + '); ' + fences)
     return problems, summary
+
+
+def main():
+    """tracecheck.py [--stats LOG] [--raw FILE] [--require EVENTS] TOOL REPORT"""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--stats', help='the boot log with the ring buffer statistics')
+    ap.add_argument('--raw', help='the output of trace-cmd report -R')
+    ap.add_argument('--require', help='comma-separated events that must fire (default: all)')
+    ap.add_argument('tool')
+    ap.add_argument('report')
+    args = ap.parse_args()
+    problems, summary = check_files(args.tool, args.report, args.stats, args.raw, args.require)
+    for p in problems:
+        print(f'tracecheck: {args.tool}: {p}')
+    if not problems:
+        print(f'tracecheck: {args.tool}: {summary}')
+    return 1 if problems else 0
+
+
+def read_lines(path):
+    try:
+        with open(path, errors='replace') as f:
+            return f.read().splitlines()
+    except OSError:
+        return None
+
+
+def check_files(tool, report, stats_log=None, raw=None, require=None):
+    """check() on the files harness/run wrote; a missing report is a problem."""
+    trace = read_lines(report)
+    if trace is None:
+        return [f'{tool}: no report ({report})'], ''
+    stats = None
+    if stats_log:
+        for line in read_lines(stats_log) or []:
+            m = re.search(r'jq-harness: trace entries-in-buffer/entries-written: (\d+)/(\d+)', line)
+            if m:
+                stats = (int(m.group(1)), int(m.group(2)))
+        if stats is None:
+            return [f'{tool}: the ring buffer statistics are missing'], ''
+    raw_lines = None
+    if raw:
+        raw_lines = read_lines(raw)
+        if raw_lines is None:
+            return [f'{tool}: no raw report ({raw})'], ''
+    if isinstance(require, str):
+        require = require.split(',')
+    want = tuple(require or EVENTS)
+    return check(trace, tool, stats, raw_lines, want)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
