@@ -12,7 +12,11 @@ and with --require-trace that the drm_jobqueue trace events recorded during the
 run are complete and consistent (tracecheck.py), counted as one more case. With
 --require-module-unload, the post-test init's lines about the harness/modules
 are three more cases: fence_balanced unloaded, fence_leak (unsignalled fences
-leaked) and callback_leak (an armed callback leaked) were refused.
+leaked) and callback_leak (an armed callback leaked) were refused. With
+--require-fault-injection, each fault-injection suite, which skips at boot, must
+have run again from the post-test init with every allocation failure armed:
+one more case per suite, failed if its run is missing, skipped, has no case or
+a failed one (its cases count as cases too).
 """
 
 import argparse
@@ -49,6 +53,12 @@ MODULE_UNLOAD = [
     ('module_unload_callback_barrier', 'callback_leak', 'unload refused'),
 ]
 
+# --require-fault-injection: the suites /init runs again once GFP_KERNEL
+# allocations can be made to fail (harness/initramfs-init).
+FAULT_SUITES = ['drm_jobqueue_fault_injection', 'tyr_fault_injection']
+# What each sweep of an operation printed.
+SWEEP = re.compile(r'fault injection: (.+?): (\d+) failure points, (\d+) ENOMEM, (\d+) absorbed$')
+
 # Lines that match BAD but are not reports.
 BENIGN = [
     re.compile(r'KernelAddressSanitizer initialized'),
@@ -78,6 +88,8 @@ def main():
     ap.add_argument('--require-module-unload', action='store_true',
                     help='fence_balanced must have unloaded, fence_leak and callback_leak must '
                     'have been refused')
+    ap.add_argument('--require-fault-injection', action='store_true',
+                    help='the fault-injection suites must have run again, armed, and passed')
     ap.add_argument('--kunit-rc', type=int, default=0)
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
@@ -153,6 +165,16 @@ def main():
                 got = m.group(1).strip() if m else 'no line: not loaded'
                 problems.append(f'failed check: {case}: module {module}: {got}, expected {want}')
 
+    if args.require_fault_injection:
+        for suite in FAULT_SUITES:
+            problem, summary = fault_injection(lines, suite)
+            if problem:
+                failed += 1
+                problems.append(f'failed check: fault_injection_{suite}: {problem}')
+            else:
+                passed += 1
+                print(f'checklog: ok fault_injection_{suite}: {summary}')
+
     if args.require_trace:
         trace_problems, trace_summary = tracecheck.check(lines)
         if trace_problems:
@@ -190,6 +212,45 @@ def main():
         summary += f', {skipped} skipped'
     print(summary)
     return 1 if problems or failed else 0
+
+
+def fault_injection(lines, suite):
+    """Judges the run of SUITE between /init's begin and end lines: returns
+    (problem or None, summary)."""
+    begin = f'jq-harness: fault injection {suite} begin'
+    end = f'jq-harness: fault injection {suite} end'
+    texts = [TIMESTAMP.sub('', l) for l in lines]
+    try:
+        first = next(i for i, t in enumerate(texts) if t.strip() == begin)
+        last = next(i for i in range(first, len(texts)) if texts[i].strip() == end)
+    except StopIteration:
+        return 'the suite did not run with allocation failures armed (no begin and end lines)', ''
+    cases = skipped = bad = 0
+    suite_ok = False
+    sweeps = []
+    for text in texts[first + 1:last]:
+        m = RESULT.match(text)
+        if m and m.group(2) == suite and text == text.lstrip():
+            suite_ok = m.group(1) == 'ok'
+        elif m:
+            cases += 1
+            if '# SKIP' in m.group(3):
+                skipped += 1
+            elif m.group(1) != 'ok':
+                bad += 1
+        s = SWEEP.search(text)
+        if s:
+            sweeps.append((s.group(1), int(s.group(2)), int(s.group(3))))
+    if not cases:
+        return 'no case ran', ''
+    if skipped:
+        return f'{skipped} of {cases} cases skipped: allocation failures were not armed', ''
+    if bad or not suite_ok:
+        return f'{bad} of {cases} cases failed', ''
+    points = sum(p for _, p, _ in sweeps)
+    enomem = sum(e for _, _, e in sweeps)
+    return None, (f'{cases} cases, {len(sweeps)} operations, {points} allocation failures '
+                  f'injected, {enomem} of them ENOMEM')
 
 
 if __name__ == '__main__':
