@@ -8,16 +8,15 @@ kernel crashed or did not finish, or the log shows a lockdep report, BUG:,
 WARNING:, a sleep in atomic context, a KASAN, KCSAN or kmemleak report or a Rust
 panic. With --require-lockdep and --require-kmemleak it also requires proof,
 from the post-test init of the x86_64 run, that lockdep stayed on and kmemleak
-scanned,
-and with --require-trace that the drm_jobqueue trace events recorded during the
-run are complete and consistent (tracecheck.py), counted as one more case. With
---require-module-unload, the post-test init's lines about the harness/modules
-are three more cases: fence_balanced unloaded, fence_leak (unsignalled fences
-leaked) and callback_leak (an armed callback leaked) were refused. With
---require-fault-injection, each fault-injection suite, which skips at boot, must
-have run again from the post-test init with every allocation failure armed:
-one more case per suite, failed if its run is missing, skipped, has no case or
-a failed one (its cases count as cases too).
+scanned, and with --require-trace that the drm_jobqueue trace events recorded
+during the run are complete and consistent (tracecheck.py), counted as one more
+case. With --require-module-unload, the post-test init's lines about the
+harness/modules are three more cases: fence_balanced unloaded, fence_leak
+(unsignalled fences leaked) and callback_leak (an armed callback leaked) were
+refused. With --require-fault-injection, each fault-injection suite, which
+skips at boot, must have run again from the post-test init with every
+allocation failure armed: one more case per suite, failed if its run is
+missing, skipped, has no case or a failed one (its cases count as cases too).
 """
 
 import argparse
