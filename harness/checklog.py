@@ -17,6 +17,9 @@ refused. With --require-fault-injection, each fault-injection suite, which
 skips at boot, must have run again from the post-test init with every
 allocation failure armed: one more case per suite, failed if its run is
 missing, skipped, has no case or a failed one (its cases count as cases too).
+With --require-kcsan, the post-test init must have read KCSAN's counters, with
+KCSAN enabled and watchpoints set up; they are printed (a report fails the run
+whatever the counters say).
 """
 
 import argparse
@@ -93,6 +96,8 @@ def main():
                     'have been refused')
     ap.add_argument('--require-fault-injection', action='store_true',
                     help='the fault-injection suites must have run again, armed, and passed')
+    ap.add_argument('--require-kcsan', action='store_true',
+                    help='KCSAN must have been enabled and set up watchpoints')
     ap.add_argument('--kunit-rc', type=int, default=0)
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
@@ -207,6 +212,15 @@ def main():
             problems.append('kmemleak did not scan')
         elif km.group(1) != '0':
             problems.append(f'kmemleak: {km.group(1)} unreferenced objects')
+
+    if args.require_kcsan:
+        counters = dict(re.findall(r'jq-harness: kcsan (\w+): (\d+)', joined))
+        passes = re.search(r'jq-harness: kcsan passes (\d+)', joined)
+        if counters.get('enabled') != '1' or int(counters.get('setup_watchpoints', 0)) == 0:
+            problems.append(f'KCSAN was not enabled or set up no watchpoint: {counters}')
+        else:
+            print(f'checklog: kcsan: the suites ran {1 + int(passes.group(1) if passes else 0)} '
+                  'times; ' + ', '.join(f'{k} {v}' for k, v in counters.items() if k != 'enabled'))
 
     for p in problems:
         print(f'checklog: {p}')
