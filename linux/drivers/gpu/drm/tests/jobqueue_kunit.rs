@@ -1955,7 +1955,7 @@ mod fault {
             set(0);
             match result {
                 Err(e) if !fired || e != ENOMEM => {
-                    pr_err!("fault injection: {name}: point {n}: {e:?} instead of ENOMEM\n");
+                    pr_err!("fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n");
                     return Err(e);
                 }
                 Err(_) => enomem += 1,
@@ -2050,7 +2050,7 @@ mod fault_tests {
             },
             |r| fence_signalled(&last, r),
         )?;
-        assert_eq!((s.points, s.enomem), (1, 1));
+        assert_eq!(s.enomem, 1);
 
         let s = sweep(
             "NestedFenceContext::new_fence",

@@ -1173,7 +1173,7 @@ mod fault {
             set(0);
             match result {
                 Err(e) if !fired || e != ENOMEM => {
-                    pr_err!("fault injection: {name}: point {n}: {e:?} instead of ENOMEM\n");
+                    pr_err!("fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n");
                     return Err(e);
                 }
                 Err(_) => enomem += 1,
