@@ -1955,7 +1955,9 @@ mod fault {
             set(0);
             match result {
                 Err(e) if !fired || e != ENOMEM => {
-                    pr_err!("fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n");
+                    pr_err!(
+                        "fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n"
+                    );
                     return Err(e);
                 }
                 Err(_) => enomem += 1,
@@ -2005,7 +2007,7 @@ mod fault_tests {
     }
 
     /// The result a job's done fence signalled, once it has.
-    fn finished(done: &DmaFence) -> Result {
+    fn finished(done: &ARef<DmaFence>) -> Result {
         wait(done)?;
         done.status().unwrap_or(Err(EBUSY))
     }

@@ -1145,8 +1145,6 @@ mod fault {
 
     /// What [`sweep`] found for one operation.
     pub(crate) struct Sweep {
-        /// Allocations the operation made: the failure points.
-        pub(crate) points: u32,
         /// Failure points at which the operation failed with `ENOMEM`.
         pub(crate) enomem: u32,
     }
@@ -1173,7 +1171,9 @@ mod fault {
             set(0);
             match result {
                 Err(e) if !fired || e != ENOMEM => {
-                    pr_err!("fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n");
+                    pr_err!(
+                        "fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n"
+                    );
                     return Err(e);
                 }
                 Err(_) => enomem += 1,
@@ -1189,7 +1189,7 @@ mod fault {
                     "fault injection: {name}: {points} failure points, {enomem} ENOMEM, {} absorbed\n",
                     points - enomem
                 );
-                return Ok(Sweep { points, enomem });
+                return Ok(Sweep { enomem });
             }
         }
         pr_err!("fault injection: {name}: more than {MAX_POINTS} allocations\n");
@@ -1211,7 +1211,7 @@ mod fault_tests {
     }
 
     /// The result a done fence signalled, once it has.
-    fn finished(done: &DmaFence) -> Result {
+    fn finished(done: &ARef<DmaFence>) -> Result {
         wait(done)?;
         done.status().unwrap_or(Err(EBUSY))
     }
