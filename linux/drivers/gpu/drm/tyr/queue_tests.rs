@@ -1252,15 +1252,17 @@ mod fault_tests {
                 Ok(())
             },
             |_| {
-                let fws = fws.take().ok_or(EINVAL)?;
-                let group = match made.take() {
-                    Some(group) => group,
+                let (group, fws) = match made.take() {
+                    Some(group) => (group, fws.take().ok_or(EINVAL)?),
                     None => {
                         // A failed creation holds no VM reference.
                         if vm.live() != 1 {
                             return Err(EINVAL);
                         }
-                        Group::new(vm.clone(), configs(&fws, 0)?, JOB_TIMEOUT)?
+                        // The queues it made were torn down: their firmwares are evicted.
+                        let fresh = fake_firmwares(2)?;
+                        let group = Group::new(vm.clone(), configs(&fresh, 0)?, JOB_TIMEOUT)?;
+                        (group, fresh)
                     }
                 };
                 let f = Fixture::of(group, vm.clone(), fws)?;
