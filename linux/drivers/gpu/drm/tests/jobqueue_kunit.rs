@@ -1925,6 +1925,41 @@ mod fault {
         false
     }
 
+    /// Checks what `fail_nth` does: a `GFP_NOWAIT` allocation fails in any case, a `GFP_KERNEL`
+    /// one only when [`armed`]; a failure uses the counter up.
+    pub(crate) fn semantics() -> Result {
+        set(1);
+        let nowait = KBox::new(0u64, GFP_NOWAIT);
+        let nowait_left = get();
+        set(1);
+        let kernel = KBox::new(0u64, GFP_KERNEL);
+        let kernel_left = get();
+        set(0);
+        match (nowait.is_err(), nowait_left, kernel.is_err(), kernel_left) {
+            (true, 0, true, 0) | (true, 0, false, 1) => Ok(()),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// Lets every case of `cases` run again when the suite is run again through debugfs: KUnit
+    /// does not run a case again whose status is skipped, and a case that skipped keeps it.
+    ///
+    /// # Safety
+    ///
+    /// `cases` is the case array of the running suite, ended by a zeroed case, and the cases
+    /// whose status this writes are not running.
+    pub(crate) unsafe fn rearm(cases: *mut bindings::kunit_case) {
+        let mut case = cases;
+        // SAFETY: By the safety requirements `case` stays within the array, which ends with a
+        // case without `run_case`, and nothing else accesses the cases' status meanwhile.
+        unsafe {
+            while (*case).run_case.is_some() {
+                (*case).status = bindings::kunit_status_KUNIT_SUCCESS;
+                case = case.add(1);
+            }
+        }
+    }
+
     /// What [`sweep`] found for one operation.
     pub(crate) struct Sweep {
         /// Allocations the operation made: the failure points.
@@ -2348,5 +2383,15 @@ mod fault_tests {
             assert_eq!(s.points, 0);
         }
         Ok(())
+    }
+
+    /// Last: checks the semantics `fail_nth` has in this run, and lets the cases that skipped
+    /// at boot run when harness/initramfs-init runs the suite again.
+    #[test]
+    fn fail_nth_semantics() -> Result {
+        // SAFETY: `TEST_CASES` is this suite's case array, ended by a zeroed case; KUnit runs
+        // its cases one after the other, this one last.
+        unsafe { fault::rearm((&raw mut TEST_CASES).cast()) };
+        fault::semantics()
     }
 }
