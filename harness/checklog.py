@@ -5,16 +5,22 @@
 Prints every problem found and ends with the line "N passed, N failed" (and
 ", N skipped" when cases were skipped). Exits non-zero when a case failed, the
 kernel crashed or did not finish, or the log shows a lockdep report, BUG:,
-WARNING:, a sleep in atomic context, a KASAN or kmemleak report or a Rust panic.
-With --require-lockdep and --require-kmemleak it also requires proof, from the
-post-test init of the x86_64 run, that lockdep stayed on and kmemleak scanned,
-and with --require-trace that the drm_jobqueue and dma_fence trace events are
-complete and consistent as trace-cmd read back the ring buffer of the run and
-as perf script read perf's recording of the demo (tracecheck.py), counted as
-two more cases. With
---require-module-unload, the post-test init's lines about the harness/modules
-are three more cases: fence_balanced unloaded, fence_leak (unsignalled fences
-leaked) and callback_leak (an armed callback leaked) were refused.
+WARNING:, a sleep in atomic context, a KASAN, KCSAN or kmemleak report or a Rust
+panic. With --require-lockdep and --require-kmemleak it also requires proof,
+from the post-test init of the x86_64 run, that lockdep stayed on and kmemleak
+scanned, and with --require-trace that the drm_jobqueue and dma_fence trace
+events are complete and consistent as trace-cmd read back the ring buffer of
+the run and as perf script read perf's recording of the demo (tracecheck.py),
+counted as two more cases. With --require-module-unload, the post-test init's
+lines about the harness/modules are three more cases: fence_balanced unloaded,
+fence_leak (unsignalled fences leaked) and callback_leak (an armed callback
+leaked) were refused. With --require-fault-injection, each fault-injection
+suite, which skips at boot, must have run again from the post-test init with
+every allocation failure armed: one more case per suite, failed if its run is
+missing, skipped, has no case or a failed one (its cases count as cases too).
+With --require-kcsan, the post-test init must have read KCSAN's counters, with
+KCSAN enabled and watchpoints set up; they are printed (a report fails the run
+whatever the counters say).
 """
 
 import argparse
@@ -27,6 +33,9 @@ import tracecheck  # noqa: E402
 
 # What must never appear in a clean log.
 BAD = [
+    # KCSAN (harness/run kcsan): "BUG: KCSAN: data-race in ...", also for a race
+    # of unknown origin; named before the BUG it also is.
+    (re.compile(r'BUG: KCSAN: '), 'KCSAN report'),
     (re.compile(r'BUG: '), 'BUG'),
     (re.compile(r'WARNING: '), 'WARNING'),
     (re.compile(r'sleeping function called from invalid context'), 'sleep in atomic context'),
@@ -50,6 +59,12 @@ MODULE_UNLOAD = [
     ('module_unload_barrier', 'fence_leak', 'unload refused'),
     ('module_unload_callback_barrier', 'callback_leak', 'unload refused'),
 ]
+
+# --require-fault-injection: the suites /init runs again once GFP_KERNEL
+# allocations can be made to fail (harness/initramfs-init).
+FAULT_SUITES = ['drm_jobqueue_fault_injection', 'tyr_fault_injection']
+# What each sweep of an operation printed.
+SWEEP = re.compile(r'fault injection: (.+?): (\d+) failure points, (\d+) ENOMEM, (\d+) absorbed$')
 
 # Lines that match BAD but are not reports.
 BENIGN = [
@@ -84,6 +99,10 @@ def main():
     ap.add_argument('--require-module-unload', action='store_true',
                     help='fence_balanced must have unloaded, fence_leak and callback_leak must '
                     'have been refused')
+    ap.add_argument('--require-fault-injection', action='store_true',
+                    help='the fault-injection suites must have run again, armed, and passed')
+    ap.add_argument('--require-kcsan', action='store_true',
+                    help='KCSAN must have been enabled and set up watchpoints')
     ap.add_argument('--kunit-rc', type=int, default=0)
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
@@ -159,6 +178,16 @@ def main():
                 got = m.group(1).strip() if m else 'no line: not loaded'
                 problems.append(f'failed check: {case}: module {module}: {got}, expected {want}')
 
+    if args.require_fault_injection:
+        for suite in FAULT_SUITES:
+            problem, summary = fault_injection(lines, suite)
+            if problem:
+                failed += 1
+                problems.append(f'failed check: fault_injection_{suite}: {problem}')
+            else:
+                passed += 1
+                print(f'checklog: ok fault_injection_{suite}: {summary}')
+
     if args.require_trace:
         for tool, result in (
                 ('trace-cmd', tracecheck.check_files('trace-cmd', args.trace_cmd or '',
@@ -196,6 +225,15 @@ def main():
         elif km.group(1) != '0':
             problems.append(f'kmemleak: {km.group(1)} unreferenced objects')
 
+    if args.require_kcsan:
+        counters = dict(re.findall(r'jq-harness: kcsan (\w+): (\d+)', joined))
+        passes = re.search(r'jq-harness: kcsan passes (\d+)', joined)
+        if counters.get('enabled') != '1' or int(counters.get('setup_watchpoints', 0)) == 0:
+            problems.append(f'KCSAN was not enabled or set up no watchpoint: {counters}')
+        else:
+            print(f'checklog: kcsan: the suites ran {1 + int(passes.group(1) if passes else 0)} '
+                  'times; ' + ', '.join(f'{k} {v}' for k, v in counters.items() if k != 'enabled'))
+
     for p in problems:
         print(f'checklog: {p}')
     summary = f'{passed} passed, {failed} failed'
@@ -203,6 +241,45 @@ def main():
         summary += f', {skipped} skipped'
     print(summary)
     return 1 if problems or failed else 0
+
+
+def fault_injection(lines, suite):
+    """Judges the run of SUITE between /init's begin and end lines: returns
+    (problem or None, summary)."""
+    begin = f'jq-harness: fault injection {suite} begin'
+    end = f'jq-harness: fault injection {suite} end'
+    texts = [TIMESTAMP.sub('', l) for l in lines]
+    try:
+        first = next(i for i, t in enumerate(texts) if t.strip() == begin)
+        last = next(i for i in range(first, len(texts)) if texts[i].strip() == end)
+    except StopIteration:
+        return 'the suite did not run with allocation failures armed (no begin and end lines)', ''
+    cases = skipped = bad = 0
+    suite_ok = False
+    sweeps = []
+    for text in texts[first + 1:last]:
+        m = RESULT.match(text)
+        if m and m.group(2) == suite and text == text.lstrip():
+            suite_ok = m.group(1) == 'ok'
+        elif m:
+            cases += 1
+            if '# SKIP' in m.group(3):
+                skipped += 1
+            elif m.group(1) != 'ok':
+                bad += 1
+        s = SWEEP.search(text)
+        if s:
+            sweeps.append((s.group(1), int(s.group(2)), int(s.group(3))))
+    if not cases:
+        return 'no case ran', ''
+    if skipped:
+        return f'{skipped} of {cases} cases skipped: allocation failures were not armed', ''
+    if bad or not suite_ok:
+        return f'{bad} of {cases} cases failed', ''
+    points = sum(p for _, p, _ in sweeps)
+    enomem = sum(e for _, _, e in sweeps)
+    return None, (f'{cases} cases, {len(sweeps)} operations, {points} allocation failures '
+                  f'injected, {enomem} of them ENOMEM')
 
 
 if __name__ == '__main__':

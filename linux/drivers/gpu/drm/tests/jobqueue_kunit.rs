@@ -2086,3 +2086,539 @@ mod tests {
         Ok(())
     }
 }
+
+/// Allocation-failure injection for one task: `current->fail_nth` of `CONFIG_FAULT_INJECTION`.
+///
+/// Set to `n`, it makes the `n`-th allocation of the task that failslab or fail_page_alloc may
+/// fail fail, whatever their probability (`should_fail_ex()`): each such allocation counts it
+/// down, and it stays at 0 once it has fired. Allocations that may reclaim (`GFP_KERNEL`) count
+/// only once failslab's and fail_page_alloc's `ignore-gfp-wait` are off, which only debugfs can
+/// do: harness/initramfs-init does it after the boot-time suites, then runs the fault-injection
+/// suites again through `/sys/kernel/debug/kunit/<suite>/run`. At boot their cases skip.
+#[cfg(CONFIG_FAULT_INJECTION)]
+mod fault {
+    use kernel::{
+        bindings,
+        ffi::c_char,
+        prelude::*,
+        task::Task, //
+    };
+
+    /// The most allocations one operation may make before a sweep gives up.
+    const MAX_POINTS: u32 = 2000;
+
+    /// Sets `current->fail_nth`.
+    fn set(n: u32) {
+        // SAFETY: `current` is valid while it runs. `fail_nth` is an `unsigned int` that the
+        // task reads and writes with READ_ONCE()/WRITE_ONCE() (`should_fail_ex()`), and procfs
+        // with plain accesses; a volatile access is what those macros do.
+        unsafe { core::ptr::write_volatile(&raw mut (*Task::current_raw()).fail_nth, n) };
+    }
+
+    /// Returns `current->fail_nth`.
+    fn get() -> u32 {
+        // SAFETY: As in `set`.
+        unsafe { core::ptr::read_volatile(&raw const (*Task::current_raw()).fail_nth) }
+    }
+
+    /// Returns whether a `GFP_KERNEL` allocation of this task can be made to fail; if not, marks
+    /// the running KUnit case skipped.
+    pub(crate) fn armed() -> bool {
+        set(1);
+        let probe = KBox::new(0u64, GFP_KERNEL);
+        set(0);
+        if probe.is_err() {
+            return true;
+        }
+        // SAFETY: FFI call without requirements.
+        let test = unsafe { bindings::kunit_get_current_test() };
+        if !test.is_null() {
+            let reason = c"GFP_KERNEL allocations cannot fail: failslab ignore-gfp-wait is on";
+            // SAFETY: `test` is the `struct kunit` of the case this task runs; only this task
+            // writes it while the case runs.
+            unsafe {
+                (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
+                let comment = &mut (*test).status_comment;
+                for (d, s) in comment.iter_mut().zip(reason.to_bytes_with_nul()) {
+                    *d = c_char::from_ne_bytes([*s]);
+                }
+            }
+        }
+        false
+    }
+
+    /// Checks what `fail_nth` does: a `GFP_NOWAIT` allocation fails in any case, a `GFP_KERNEL`
+    /// one only when [`armed`]; a failure uses the counter up.
+    pub(crate) fn semantics() -> Result {
+        set(1);
+        let nowait = KBox::new(0u64, GFP_NOWAIT);
+        let nowait_left = get();
+        set(1);
+        let kernel = KBox::new(0u64, GFP_KERNEL);
+        let kernel_left = get();
+        set(0);
+        match (nowait.is_err(), nowait_left, kernel.is_err(), kernel_left) {
+            (true, 0, true, 0) | (true, 0, false, 1) => Ok(()),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// Lets every case of `cases` run again when the suite is run again through debugfs: KUnit
+    /// does not run a case again whose status is skipped, and a case that skipped keeps it.
+    ///
+    /// # Safety
+    ///
+    /// `cases` is the case array of the running suite, ended by a zeroed case, and the cases
+    /// whose status this writes are not running.
+    pub(crate) unsafe fn rearm(cases: *mut bindings::kunit_case) {
+        let mut case = cases;
+        // SAFETY: By the safety requirements `case` stays within the array, which ends with a
+        // case without `run_case`, and nothing else accesses the cases' status meanwhile.
+        unsafe {
+            while (*case).run_case.is_some() {
+                (*case).status = bindings::kunit_status_KUNIT_SUCCESS;
+                case = case.add(1);
+            }
+        }
+    }
+
+    /// What [`sweep`] found for one operation.
+    pub(crate) struct Sweep {
+        /// Allocations the operation made: the failure points.
+        pub(crate) points: u32,
+        /// Failure points at which the operation failed with `ENOMEM`.
+        pub(crate) enomem: u32,
+    }
+
+    /// Runs `op` once per allocation it makes, the `n`-th run with its `n`-th allocation
+    /// failing, until a run makes fewer than `n`: that one must succeed.
+    ///
+    /// The allocations the kernel makes around those of `op` (kmemleak's objects, the slab
+    /// allocator's own) vary from run to run, so which of them the `n`-th is varies too: how
+    /// many runs end in `ENOMEM` is not exact, and an allocation of `op` can escape a sweep.
+    ///
+    /// `prepare` runs before each run, `check` after it, with its result; neither has
+    /// allocations failing. A run whose allocation failed must fail with `ENOMEM` or succeed
+    /// (the kernel had a fallback: kmemleak's object pool, a lower slab order); one without
+    /// must succeed. Prints the counts as `fault injection: NAME: ...` for the harness.
+    pub(crate) fn sweep(
+        name: &str,
+        mut prepare: impl FnMut() -> Result,
+        mut op: impl FnMut() -> Result,
+        mut check: impl FnMut(Result) -> Result,
+    ) -> Result<Sweep> {
+        let mut enomem = 0;
+        for n in 1..=MAX_POINTS {
+            prepare()?;
+            set(n);
+            let result = op();
+            let fired = get() == 0;
+            set(0);
+            match result {
+                Err(e) if !fired || e != ENOMEM => {
+                    pr_err!(
+                        "fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n"
+                    );
+                    return Err(e);
+                }
+                Err(_) => enomem += 1,
+                Ok(()) => {}
+            }
+            if let Err(e) = check(result) {
+                pr_err!("fault injection: {name}: point {n}: check failed: {e:?}\n");
+                return Err(e);
+            }
+            if !fired {
+                let points = n - 1;
+                pr_info!(
+                    "fault injection: {name}: {points} failure points, {enomem} ENOMEM, {} absorbed\n",
+                    points - enomem
+                );
+                return Ok(Sweep { points, enomem });
+            }
+        }
+        pr_err!("fault injection: {name}: more than {MAX_POINTS} allocations\n");
+        Err(E2BIG)
+    }
+}
+
+/// Every allocation on the paths of the job queue and of dma_fence fails once (see [`fault`]):
+/// each gives a clean `ENOMEM`, leaves no fence unsignalled and the queue usable.
+#[cfg(CONFIG_FAULT_INJECTION)]
+#[kunit_tests(drm_jobqueue_fault_injection)]
+mod fault_tests {
+    use super::{fault::sweep, *};
+    use core::cell::{
+        Cell,
+        RefCell, //
+    };
+    use kernel::{
+        dma_fence::{
+            Armed,
+            CompleteCompletion,
+            FenceCallback,
+            ProxyFence, //
+        },
+        kthread,
+        sync::Completion, //
+    };
+
+    fn nothing() -> Result {
+        Ok(())
+    }
+
+    /// The result a job's done fence signalled, once it has.
+    fn finished(done: &ARef<DmaFence>) -> Result {
+        wait(done)?;
+        done.status().unwrap_or(Err(EBUSY))
+    }
+
+    /// Runs one job through `queue` and checks that it completed.
+    fn run_one(queue: &JobQueue<MockBackend>, stats: &Arc<Stats>) -> Result {
+        let job = queue.new_job(1, MockJob::new(stats, us(10))?)?;
+        finished(&queue.submit(job)?)
+    }
+
+    /// Checks the fence `last` holds, made by an operation that returned `result`: signalled
+    /// `Ok` if the operation succeeded, `-ECANCELED` (dropped unsignalled) if it failed.
+    fn fence_signalled(last: &Cell<Option<ARef<DmaFence>>>, result: Result) -> Result {
+        let Some(fence) = last.take() else {
+            return if result.is_err() { Ok(()) } else { Err(EINVAL) };
+        };
+        match (result, fence.status()) {
+            (Ok(()), Some(Ok(()))) => Ok(()),
+            (Err(_), Some(Err(e))) if e == ECANCELED => Ok(()),
+            (_, None) => Err(EBUSY),
+            _ => Err(EINVAL),
+        }
+    }
+
+    #[test]
+    fn fences_and_callbacks() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"fault-fences");
+        let nested = NestedFenceContext::new(c"jobqueue_kunit", c"fault-nested", 1)?;
+        let last = Cell::new(None);
+
+        let s = sweep(
+            "FenceContext::new_fence",
+            nothing,
+            || {
+                let fence = ctx.new_fence(GFP_KERNEL)?;
+                last.set(Some(fence.to_aref()));
+                fence.signal(Ok(()));
+                Ok(())
+            },
+            |r| fence_signalled(&last, r),
+        )?;
+        assert!(s.enomem >= 1);
+
+        let s = sweep(
+            "NestedFenceContext::new_fence",
+            nothing,
+            || {
+                let fence = nested.new_fence(GFP_KERNEL)?;
+                last.set(Some(fence.to_aref()));
+                fence.signal(Ok(()));
+                Ok(())
+            },
+            |r| fence_signalled(&last, r),
+        )?;
+        assert!(s.enomem >= 1);
+
+        // The proxy's box fails after its fence was made: the fence signals -ECANCELED.
+        let s = sweep(
+            "ProxyFence",
+            nothing,
+            || {
+                let fence = nested.new_fence(GFP_KERNEL)?;
+                last.set(Some(fence.to_aref()));
+                let mut proxy = KBox::pin_init(ProxyFence::new(fence), GFP_KERNEL)?;
+                proxy.as_mut().signal(Ok(()));
+                Ok(())
+            },
+            |r| fence_signalled(&last, r),
+        )?;
+        assert!(s.enomem >= 1);
+
+        let s = sweep(
+            "FenceCallback",
+            nothing,
+            || {
+                let fence = ctx.new_fence(GFP_KERNEL)?;
+                last.set(Some(fence.to_aref()));
+                let done = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
+                let mut cb = KBox::pin_init(
+                    FenceCallback::new(CompleteCompletion::new(done.clone())),
+                    GFP_KERNEL,
+                )?;
+                if cb.as_mut().arm(fence.to_aref()) != Armed::Waiting {
+                    return Err(EINVAL);
+                }
+                fence.signal(Ok(()));
+                done.wait_for_completion();
+                Ok(())
+            },
+            |r| fence_signalled(&last, r),
+        )?;
+        assert!(s.enomem >= 1);
+        Ok(())
+    }
+
+    #[test]
+    fn workqueues_and_workers() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let s = sweep(
+            "FenceWorkqueue::new_ordered",
+            nothing,
+            || FenceWorkqueue::new_ordered(c"jq_fault_ordered").map(drop),
+            |_| Ok(()),
+        )?;
+        assert!(s.enomem >= 1);
+        let s = sweep(
+            "FenceWorkqueue::new_unbound",
+            nothing,
+            || FenceWorkqueue::new_unbound(c"jq_fault_unbound").map(drop),
+            |_| Ok(()),
+        )?;
+        assert!(s.enomem >= 1);
+        let s = sweep(
+            "kthread::Worker::new",
+            nothing,
+            || kthread::Worker::new(c"jq_fault_worker").map(drop),
+            |_| Ok(()),
+        )?;
+        assert!(s.enomem >= 1);
+        Ok(())
+    }
+
+    #[test]
+    fn queue_creation() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        // A queue's teardown kills its ring for good: each run has a ring of its own.
+        let ring = RefCell::new(MockRing::new(8)?);
+        let stats = Stats::new()?;
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_fault_shared")?, GFP_KERNEL)?;
+        let made = RefCell::new(None);
+        let prepare = || {
+            ring.replace(MockRing::new(8)?);
+            Ok(())
+        };
+        let backend = || MockBackend {
+            ring: ring.borrow().clone(),
+            stats: stats.clone(),
+            on_timeout: TimeoutAction::NoHang,
+            peers: KVec::new(),
+        };
+        let options = |shared: bool| {
+            let mut options = QueueOptions::new(c"jobqueue_kunit", c"fault-queue", 8, None);
+            if shared {
+                options.workqueue = Some(wq.clone());
+            }
+            options
+        };
+        // Whether or not it was made, a queue on the same ring runs a job.
+        let check = |shared: bool| {
+            let _ring = RingGuard(ring.borrow().clone());
+            let queue = match made.take() {
+                Some(queue) => queue,
+                None => JobQueue::new(backend(), options(shared))?,
+            };
+            run_one(&queue, &stats)
+        };
+
+        // Its own workqueue (alloc_workqueue()), the state, three fence callbacks.
+        let s = sweep(
+            "JobQueue::new",
+            prepare,
+            || {
+                made.replace(Some(JobQueue::new(backend(), options(false))?));
+                Ok(())
+            },
+            |_| check(false),
+        )?;
+        assert!(s.enomem >= 5);
+        // On a shared workqueue: the state and the three fence callbacks.
+        let s = sweep(
+            "JobQueue::new shared workqueue",
+            prepare,
+            || {
+                made.replace(Some(JobQueue::new(backend(), options(true))?));
+                Ok(())
+            },
+            |_| check(true),
+        )?;
+        assert!(s.enomem >= 1);
+        Ok(())
+    }
+
+    #[test]
+    fn job_creation() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let f = Fixture::new(c"fault-jobs", 8, None)?;
+        // Each payload has counters of its own: its drop is seen at once.
+        let payload = RefCell::new(None);
+        let stats = RefCell::new(Stats::new()?);
+        let job = RefCell::new(None);
+        let s = sweep(
+            "JobQueue::new_job",
+            || {
+                let own = Stats::new()?;
+                payload.replace(Some(MockJob::new(&own, us(10))?));
+                stats.replace(own);
+                Ok(())
+            },
+            || {
+                let payload = payload.take().ok_or(EINVAL)?;
+                job.replace(Some(f.queue().new_job(1, payload)?));
+                Ok(())
+            },
+            |r| {
+                match job.take() {
+                    Some(job) => finished(&f.queue().submit(job)?)?,
+                    // The payload came back and was dropped, not leaked.
+                    None if r.is_err() && Stats::get(&stats.borrow().dropped) == 1 => {}
+                    None => return Err(EINVAL),
+                }
+                run_one(f.queue(), &f.stats)
+            },
+        )?;
+        // The done fence's memory, the job's node and its room in the queue's tree.
+        assert!(s.enomem >= 1);
+        Ok(())
+    }
+
+    #[test]
+    fn dependencies() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let f = Fixture::new(c"fault-deps", 8, None)?;
+        let contexts = [c"dep0", c"dep1", c"dep2", c"dep3"]
+            .map(|name| FenceContext::new(c"jobqueue_kunit", name));
+        let job = RefCell::new(None);
+        let deps = RefCell::new(KVec::new());
+        let prepare = || {
+            job.replace(Some(f.job(1, us(10))?));
+            let mut deps = deps.borrow_mut();
+            deps.clear();
+            for ctx in contexts.iter() {
+                deps.push(ctx.new_fence(GFP_KERNEL)?, GFP_KERNEL)?;
+            }
+            Ok(())
+        };
+        // Adds the first `n` fences to the job.
+        let add = |n: usize| -> Result {
+            let mut job = job.borrow_mut();
+            let job = job.as_mut().ok_or(EINVAL)?;
+            for dep in deps.borrow().iter().take(n) {
+                job.add_dependency(dep.to_aref())?;
+            }
+            Ok(())
+        };
+        // The job waits for the fences it kept, and runs once they signalled.
+        let check = |n: usize, r: Result| -> Result {
+            let job = job.take().ok_or(EINVAL)?;
+            let kept = job.dependencies();
+            if (r.is_ok() && kept != n) || kept > n {
+                return Err(EINVAL);
+            }
+            let done = f.queue().submit(job)?;
+            fsleep(us(200));
+            if kept > 0 && done.status().is_some() {
+                return Err(EINVAL);
+            }
+            for dep in deps.take() {
+                dep.signal(Ok(()));
+            }
+            finished(&done)?;
+            run_one(f.queue(), &f.stats)
+        };
+
+        let s = sweep("Job::add_dependency", prepare, || add(1), |r| check(1, r))?;
+        assert!(s.enomem >= 1);
+        let s = sweep(
+            "Job::add_dependency x4",
+            prepare,
+            || add(4),
+            |r| check(4, r),
+        )?;
+        assert!(s.enomem >= 1);
+        let s = sweep(
+            "Job::reserve_dependencies",
+            prepare,
+            || {
+                job.borrow_mut()
+                    .as_mut()
+                    .ok_or(EINVAL)?
+                    .reserve_dependencies(4)?;
+                // Within the reserved room: cannot fail.
+                add(4)
+            },
+            |r| check(4, r),
+        )?;
+        assert!(s.enomem >= 1);
+        Ok(())
+    }
+
+    /// Submission does not allocate, as documented: no failure point at all.
+    #[test]
+    fn submit_does_not_allocate() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let f = Fixture::new(c"fault-submit", 8, None)?;
+        let other = FenceContext::new(c"jobqueue_kunit", c"fault-submit-dep");
+        let job = RefCell::new(None);
+        let dep = RefCell::new(None);
+        let done = RefCell::new(None);
+        for waits in [false, true] {
+            let s = sweep(
+                "JobQueue::submit",
+                || {
+                    let mut new = f.job(1, us(10))?;
+                    new.add_dependency(DmaFence::stub())?;
+                    if waits {
+                        let fence = other.new_fence(GFP_KERNEL)?;
+                        new.add_dependency(fence.to_aref())?;
+                        dep.replace(Some(fence));
+                    }
+                    job.replace(Some(new));
+                    Ok(())
+                },
+                || {
+                    let job = job.take().ok_or(EINVAL)?;
+                    done.replace(Some(f.queue().submit(job)?));
+                    Ok(())
+                },
+                |_| {
+                    if let Some(fence) = dep.take() {
+                        fence.signal(Ok(()));
+                    }
+                    finished(&done.take().ok_or(EINVAL)?)?;
+                    run_one(f.queue(), &f.stats)
+                },
+            )?;
+            assert_eq!(s.points, 0);
+        }
+        Ok(())
+    }
+
+    /// Last: checks the semantics `fail_nth` has in this run, and lets the cases that skipped
+    /// at boot run when harness/initramfs-init runs the suite again.
+    #[test]
+    fn fail_nth_semantics() -> Result {
+        // SAFETY: `TEST_CASES` is this suite's case array, ended by a zeroed case; KUnit runs
+        // its cases one after the other, this one last.
+        unsafe { fault::rearm((&raw mut TEST_CASES).cast()) };
+        fault::semantics()
+    }
+}

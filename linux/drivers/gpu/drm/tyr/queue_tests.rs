@@ -460,26 +460,13 @@ impl Fixture {
 
     fn with_profiling(queues: usize, timeout: Delta, profile_mask: u32) -> Result<Self> {
         let vm = VmRef::new()?;
-        let mut fws = FwGuard(KVec::new());
-        let mut queue_list = KVec::new();
-        let args = QueueArgs::from_uapi(&uapi::drm_panthor_queue_create {
-            priority: 1,
-            pad: [0; 3],
-            ringbuf_size: RING_SIZE,
-        })?;
-        for _ in 0..queues {
-            let fw = FakeFw::new()?;
-            let config = QueueConfig {
-                args,
-                csif: CSIF,
-                sync_addr: SYNC_ADDR,
-                profile_mask,
-                profiling_addr: 0x30_0000,
-            };
-            queue_list.push((config, FakeHw(fw.clone())), GFP_KERNEL)?;
-            fws.0.push(fw, GFP_KERNEL)?;
-        }
-        let group = Group::new(vm.clone(), queue_list, timeout)?;
+        let fws = fake_firmwares(queues)?;
+        let group = Group::new(vm.clone(), configs(&fws, profile_mask)?, timeout)?;
+        Self::of(group, vm, fws)
+    }
+
+    /// The fixture of `group`, made on `fws`: each firmware interrupts its queue.
+    fn of(group: Group<FakeHw>, vm: VmRef, fws: FwGuard) -> Result<Self> {
         for (i, fw) in fws.0.iter().enumerate() {
             *fw.queue.lock() = Some(group.queue(i as u32)?.ring().clone());
         }
@@ -511,6 +498,36 @@ impl Fixture {
         drop(group);
         (fws, vm.live())
     }
+}
+
+/// `n` fake firmwares, one per queue of a group.
+fn fake_firmwares(n: usize) -> Result<FwGuard> {
+    let mut fws = FwGuard(KVec::new());
+    for _ in 0..n {
+        fws.0.push(FakeFw::new()?, GFP_KERNEL)?;
+    }
+    Ok(fws)
+}
+
+/// The queues of a group on `fws`, for [`Group::new`].
+fn configs(fws: &FwGuard, profile_mask: u32) -> Result<KVec<(QueueConfig, FakeHw)>> {
+    let args = QueueArgs::from_uapi(&uapi::drm_panthor_queue_create {
+        priority: 1,
+        pad: [0; 3],
+        ringbuf_size: RING_SIZE,
+    })?;
+    let mut list = KVec::with_capacity(fws.0.len(), GFP_KERNEL)?;
+    for fw in fws.0.iter() {
+        let config = QueueConfig {
+            args,
+            csif: CSIF,
+            sync_addr: SYNC_ADDR,
+            profile_mask,
+            profiling_addr: 0x30_0000,
+        };
+        list.push((config, FakeHw(fw.clone())), GFP_KERNEL)?;
+    }
+    Ok(list)
 }
 
 fn wait(fence: &DmaFence) -> Result {
@@ -1061,5 +1078,370 @@ mod tests {
         assert_eq!(fws.0[0].state.lock().resets, 0);
         never.signal(Ok(()));
         Ok(())
+    }
+}
+
+/// Allocation-failure injection for one task: `current->fail_nth` of `CONFIG_FAULT_INJECTION`.
+///
+/// The same as in `drivers/gpu/drm/tests/jobqueue_kunit.rs`, for Tyr's paths.
+///
+/// Set to `n`, it makes the `n`-th allocation of the task that failslab or fail_page_alloc may
+/// fail fail, whatever their probability (`should_fail_ex()`): each such allocation counts it
+/// down, and it stays at 0 once it has fired. Allocations that may reclaim (`GFP_KERNEL`) count
+/// only once failslab's and fail_page_alloc's `ignore-gfp-wait` are off, which only debugfs can
+/// do: harness/initramfs-init does it after the boot-time suites, then runs the fault-injection
+/// suites again through `/sys/kernel/debug/kunit/<suite>/run`. At boot their cases skip.
+#[cfg(CONFIG_FAULT_INJECTION)]
+mod fault {
+    use kernel::{
+        bindings,
+        ffi::c_char,
+        prelude::*,
+        task::Task, //
+    };
+
+    /// The most allocations one operation may make before a sweep gives up.
+    const MAX_POINTS: u32 = 2000;
+
+    /// Sets `current->fail_nth`.
+    fn set(n: u32) {
+        // SAFETY: `current` is valid while it runs. `fail_nth` is an `unsigned int` that the
+        // task reads and writes with READ_ONCE()/WRITE_ONCE() (`should_fail_ex()`), and procfs
+        // with plain accesses; a volatile access is what those macros do.
+        unsafe { core::ptr::write_volatile(&raw mut (*Task::current_raw()).fail_nth, n) };
+    }
+
+    /// Returns `current->fail_nth`.
+    fn get() -> u32 {
+        // SAFETY: As in `set`.
+        unsafe { core::ptr::read_volatile(&raw const (*Task::current_raw()).fail_nth) }
+    }
+
+    /// Returns whether a `GFP_KERNEL` allocation of this task can be made to fail; if not, marks
+    /// the running KUnit case skipped.
+    pub(crate) fn armed() -> bool {
+        set(1);
+        let probe = KBox::new(0u64, GFP_KERNEL);
+        set(0);
+        if probe.is_err() {
+            return true;
+        }
+        // SAFETY: FFI call without requirements.
+        let test = unsafe { bindings::kunit_get_current_test() };
+        if !test.is_null() {
+            let reason = c"GFP_KERNEL allocations cannot fail: failslab ignore-gfp-wait is on";
+            // SAFETY: `test` is the `struct kunit` of the case this task runs; only this task
+            // writes it while the case runs.
+            unsafe {
+                (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
+                let comment = &mut (*test).status_comment;
+                for (d, s) in comment.iter_mut().zip(reason.to_bytes_with_nul()) {
+                    *d = c_char::from_ne_bytes([*s]);
+                }
+            }
+        }
+        false
+    }
+
+    /// Checks what `fail_nth` does: a `GFP_NOWAIT` allocation fails in any case, a `GFP_KERNEL`
+    /// one only when [`armed`]; a failure uses the counter up.
+    pub(crate) fn semantics() -> Result {
+        set(1);
+        let nowait = KBox::new(0u64, GFP_NOWAIT);
+        let nowait_left = get();
+        set(1);
+        let kernel = KBox::new(0u64, GFP_KERNEL);
+        let kernel_left = get();
+        set(0);
+        match (nowait.is_err(), nowait_left, kernel.is_err(), kernel_left) {
+            (true, 0, true, 0) | (true, 0, false, 1) => Ok(()),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// Lets every case of `cases` run again when the suite is run again through debugfs: KUnit
+    /// does not run a case again whose status is skipped, and a case that skipped keeps it.
+    ///
+    /// # Safety
+    ///
+    /// `cases` is the case array of the running suite, ended by a zeroed case, and the cases
+    /// whose status this writes are not running.
+    pub(crate) unsafe fn rearm(cases: *mut bindings::kunit_case) {
+        let mut case = cases;
+        // SAFETY: By the safety requirements `case` stays within the array, which ends with a
+        // case without `run_case`, and nothing else accesses the cases' status meanwhile.
+        unsafe {
+            while (*case).run_case.is_some() {
+                (*case).status = bindings::kunit_status_KUNIT_SUCCESS;
+                case = case.add(1);
+            }
+        }
+    }
+
+    /// What [`sweep`] found for one operation.
+    pub(crate) struct Sweep {
+        /// Failure points at which the operation failed with `ENOMEM`.
+        pub(crate) enomem: u32,
+    }
+
+    /// Runs `op` once per allocation it makes, the `n`-th run with its `n`-th allocation
+    /// failing, until a run makes fewer than `n`: that one must succeed.
+    ///
+    /// The allocations the kernel makes around those of `op` (kmemleak's objects, the slab
+    /// allocator's own) vary from run to run, so which of them the `n`-th is varies too: how
+    /// many runs end in `ENOMEM` is not exact, and an allocation of `op` can escape a sweep.
+    ///
+    /// `prepare` runs before each run, `check` after it, with its result; neither has
+    /// allocations failing. A run whose allocation failed must fail with `ENOMEM` or succeed
+    /// (the kernel had a fallback: kmemleak's object pool, a lower slab order); one without
+    /// must succeed. Prints the counts as `fault injection: NAME: ...` for the harness.
+    pub(crate) fn sweep(
+        name: &str,
+        mut prepare: impl FnMut() -> Result,
+        mut op: impl FnMut() -> Result,
+        mut check: impl FnMut(Result) -> Result,
+    ) -> Result<Sweep> {
+        let mut enomem = 0;
+        for n in 1..=MAX_POINTS {
+            prepare()?;
+            set(n);
+            let result = op();
+            let fired = get() == 0;
+            set(0);
+            match result {
+                Err(e) if !fired || e != ENOMEM => {
+                    pr_err!(
+                        "fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n"
+                    );
+                    return Err(e);
+                }
+                Err(_) => enomem += 1,
+                Ok(()) => {}
+            }
+            if let Err(e) = check(result) {
+                pr_err!("fault injection: {name}: point {n}: check failed: {e:?}\n");
+                return Err(e);
+            }
+            if !fired {
+                let points = n - 1;
+                pr_info!(
+                    "fault injection: {name}: {points} failure points, {enomem} ENOMEM, {} absorbed\n",
+                    points - enomem
+                );
+                return Ok(Sweep { enomem });
+            }
+        }
+        pr_err!("fault injection: {name}: more than {MAX_POINTS} allocations\n");
+        Err(E2BIG)
+    }
+}
+
+/// Every allocation of Tyr's job and group creation and of GROUP_SUBMIT fails once (see
+/// [`fault`]): each gives a clean `ENOMEM`, submits nothing, leaks no VM reference and leaves the
+/// group usable.
+#[cfg(CONFIG_FAULT_INJECTION)]
+#[kunit_tests(tyr_fault_injection)]
+mod fault_tests {
+    use super::{fault::sweep, *};
+    use core::cell::RefCell;
+
+    fn nothing() -> Result {
+        Ok(())
+    }
+
+    /// The result a done fence signalled, once it has.
+    fn finished(done: &ARef<DmaFence>) -> Result {
+        wait(done)?;
+        done.status().unwrap_or(Err(EBUSY))
+    }
+
+    /// Runs a job on each of the first `queues` queues of `f`, then waits until the payloads
+    /// of all its jobs are dropped: `refs` VM references are left.
+    fn still_works(f: &Fixture, queues: u32, refs: i32) -> Result {
+        for queue in 0..queues {
+            finished(&f.submit(queue, CS_ADDR)?)?;
+        }
+        if poll(|| f.vm.live() == refs) {
+            Ok(())
+        } else {
+            Err(EBUSY)
+        }
+    }
+
+    #[test]
+    fn group_creation() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let vm = VmRef::new()?;
+        let fws = RefCell::new(None);
+        let list = RefCell::new(None);
+        let made = RefCell::new(None);
+        let s = sweep(
+            "Group::new",
+            || {
+                let new = fake_firmwares(2)?;
+                list.replace(Some(configs(&new, 0)?));
+                fws.replace(Some(new));
+                Ok(())
+            },
+            || {
+                let list = list.take().ok_or(EINVAL)?;
+                made.replace(Some(Group::new(vm.clone(), list, JOB_TIMEOUT)?));
+                Ok(())
+            },
+            |_| {
+                let (group, fws) = match made.take() {
+                    Some(group) => (group, fws.take().ok_or(EINVAL)?),
+                    None => {
+                        // A failed creation holds no VM reference.
+                        if vm.live() != 1 {
+                            return Err(EINVAL);
+                        }
+                        // The queues it made were torn down: their firmwares are evicted.
+                        let fresh = fake_firmwares(2)?;
+                        let group = Group::new(vm.clone(), configs(&fresh, 0)?, JOB_TIMEOUT)?;
+                        (group, fresh)
+                    }
+                };
+                let f = Fixture::of(group, vm.clone(), fws)?;
+                // `vm`, the fixture's and the group's.
+                still_works(&f, 2, 3)?;
+                if f.teardown().1 != 2 {
+                    return Err(EINVAL);
+                }
+                Ok(())
+            },
+        )?;
+        // Per queue its slots, its ring and its job queue (4); the group's state, workqueue
+        // (at least 2) and queue list.
+        assert!(s.enomem >= 2 * 6 + 4);
+        Ok(())
+    }
+
+    #[test]
+    fn job_creation() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let f = Fixture::new(1, JOB_TIMEOUT)?;
+        // The fixture's and the group's.
+        let refs = f.vm.live();
+        let queue = f.group().queue(0)?;
+        let job = RefCell::new(None);
+        let mut sync_only = call(0);
+        sync_only.stream_size = 0;
+        // Allocations: the sync operations, the hardware fence's memory (not for sync-only
+        // jobs) and the job queue's three.
+        for (name, args) in [
+            ("Queue::new_job", call(CS_ADDR)),
+            ("Queue::new_job sync-only", sync_only),
+        ] {
+            let s = sweep(
+                name,
+                nothing,
+                || {
+                    let submit = QueueSubmit::from_uapi(&args, &[sync_op(OP_SIGNAL, 7, 0)])?;
+                    job.replace(Some(queue.new_job(submit.call, f.vm.clone())?));
+                    Ok(())
+                },
+                |_| {
+                    match job.take() {
+                        Some(job) => finished(&queue.submit(job)?)?,
+                        // The payload, with its VM reference, was dropped.
+                        None if f.vm.live() == refs => {}
+                        None => return Err(EINVAL),
+                    }
+                    still_works(&f, 1, refs)
+                },
+            )?;
+            assert!(s.enomem >= 1);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_submit() -> Result {
+        if !fault::armed() {
+            return Ok(());
+        }
+        let f = Fixture::new(2, JOB_TIMEOUT)?;
+        let refs = f.vm.live();
+        let external = FenceContext::new(c"tyr_queue_test", c"fault-external");
+        let in_fence = RefCell::new(None);
+        let syncobjs = RefCell::new(FakeSyncObjs { table: KVec::new() });
+        let dones = RefCell::new(None);
+        let mut submit1 = call(CS_ADDR);
+        submit1.queue_index = 1;
+        let batch = [
+            QueueSubmit::from_uapi(&call(CS_ADDR), &[sync_op(OP_SIGNAL, 7, 0)])?,
+            QueueSubmit::from_uapi(&submit1, &[sync_op(0, 7, 0), sync_op(0, 5, 0)])?,
+            QueueSubmit::from_uapi(
+                &call(CS_ADDR),
+                &[sync_op(0, 7, 0), sync_op(OP_SIGNAL, 8, 0)],
+            )?,
+        ];
+        let s = sweep(
+            "Group::submit",
+            || {
+                let fence: UniqueFence = external.new_fence(GFP_KERNEL)?;
+                let mut table = KVec::new();
+                table.push((5, 0, Some(fence.to_aref())), GFP_KERNEL)?;
+                table.push((7, 0, None), GFP_KERNEL)?;
+                table.push((8, 0, None), GFP_KERNEL)?;
+                syncobjs.replace(FakeSyncObjs { table });
+                in_fence.replace(Some(fence));
+                Ok(())
+            },
+            || {
+                let mut syncobjs = syncobjs.borrow_mut();
+                dones.replace(Some(f.group().submit(&batch, &mut *syncobjs)?));
+                Ok(())
+            },
+            |_| {
+                let dones = dones.take();
+                if dones.is_none() {
+                    // Nothing was submitted or handed to a syncobj, no VM reference kept.
+                    for queue in 0..2 {
+                        let stats = f.group().queue(queue)?.stats();
+                        if stats.waiting + stats.running != 0 {
+                            return Err(EINVAL);
+                        }
+                    }
+                    let syncobjs = syncobjs.borrow();
+                    if syncobjs
+                        .table
+                        .iter()
+                        .skip(1)
+                        .any(|(_, _, fence)| fence.is_some())
+                    {
+                        return Err(EINVAL);
+                    }
+                    if f.vm.live() != refs {
+                        return Err(EINVAL);
+                    }
+                }
+                in_fence.take().ok_or(EINVAL)?.signal(Ok(()));
+                if let Some(dones) = &dones {
+                    for done in dones.iter() {
+                        finished(done)?;
+                    }
+                }
+                still_works(&f, 2, refs)
+            },
+        )?;
+        // At least the two arrays and the three jobs (four each).
+        assert!(s.enomem >= 2 + 3 * 4);
+        Ok(())
+    }
+
+    /// Last: checks the semantics `fail_nth` has in this run, and lets the cases that skipped
+    /// at boot run when harness/initramfs-init runs the suite again.
+    #[test]
+    fn fail_nth_semantics() -> Result {
+        // SAFETY: `TEST_CASES` is this suite's case array, ended by a zeroed case; KUnit runs
+        // its cases one after the other, this one last.
+        unsafe { fault::rearm((&raw mut TEST_CASES).cast()) };
+        fault::semantics()
     }
 }
