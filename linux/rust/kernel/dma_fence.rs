@@ -213,7 +213,7 @@ static_assert!(MAX_NESTING_LEVEL as usize <= LEVEL_MASK);
 unsafe fn raw_level(fence: *mut bindings::dma_fence) -> u32 {
     // SAFETY: The caller guarantees that `fence` is valid; `flags` is an `unsigned long`, the size
     // and alignment of `usize`, that the C side only changes with atomic bit operations once the
-    // fence is shared, so an atomic load races with nothing.
+    // fence is shared, so an atomic load is no data race.
     let flags = unsafe { Atomic::<usize>::from_ptr(ptr::addr_of_mut!((*fence).flags).cast()) }
         .load(ordering::Relaxed);
     // By the invariants of `RawFence` these bits hold the level, which is at most `LEVEL_MASK`.
@@ -1850,8 +1850,9 @@ impl<H: CallbackKind> ProxyFence<H> {
         })
         .pin_chain(move |this| {
             let raw = this.fence.as_raw();
-            // SAFETY: `owner` holds the text of `Self::notify`, code of ours that is running: it
-            // is loaded. The reference is for the fence's pointer to the slot, set below.
+            // SAFETY: `owner` holds the text of `Self::notify`, which is in the same module as the
+            // code running now: it is loaded. The reference is for the fence's pointer to the
+            // slot, set below.
             unsafe { module_get(owner) };
             let slot = Opaque::cast_into(ptr::addr_of!(this.deadline)).cast::<DeadlineSlot>();
             // SAFETY: `fence` is the `base` of a `RawFence`, whose `deadline` is only written under

@@ -479,6 +479,8 @@ impl<T: Backend> Proc<T> {
                     }
                     Recovery::Resubmit => {
                         let this = node.as_mut().project();
+                        // Told again when it runs again.
+                        *this.deadline_told = None;
                         counters.leave(this.state, *this.credits, this.holds_credits);
                         *counters.waiting += 1;
                         *this.state = JobState::Waiting { deps: KVec::new() };
@@ -526,6 +528,14 @@ impl<T: Backend> Proc<T> {
             finish(&mut counters, node.as_mut(), outcome);
         }
         self.last_released = None;
+    }
+
+    /// Stops the queue: no job is handed to the hardware and no timeout fires until it resumes,
+    /// and the jobs on the hardware are detached from their hardware fences.
+    fn stop(&mut self) {
+        self.stopped += 1;
+        self.pause_timeout();
+        self.detach_running();
     }
 
     /// Stops the clock of the timeout, for a stop or a suspension of the timeout.
@@ -870,7 +880,8 @@ impl<T: Backend> Inner<T> {
     fn tell_deadlines(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
         let mut proc = self.proc.lock();
-        if proc.dead || proc.dying {
+        // A stopped queue's jobs are detached, in the middle of a reset: the resume wakes us.
+        if proc.stopped > 0 || proc.dead || proc.dying {
             return;
         }
         for (_, node) in proc.jobs.iter_mut() {
@@ -921,6 +932,12 @@ impl<T: Backend> Inner<T> {
     /// long, or at once after a fault.
     fn check_timeout(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
+        // In a domain, the domain's lock first: the timeouts of its queues are handled one at a
+        // time, from the checks below to the end of the recovery.
+        let domain = self
+            .domain
+            .as_ref()
+            .map(|domain| (domain, domain.members.lock()));
         let mut guard = self.proc.lock();
         let proc = &mut *guard;
         let fault = self.fault.xchg(false, ordering::Relaxed);
@@ -942,9 +959,12 @@ impl<T: Backend> Inner<T> {
                 return;
             }
         }
-        if let Some(domain) = &self.domain {
+        if let Some((domain, mut members)) = domain {
+            // Stopped before the lock goes: nothing reruns or ends the job meanwhile.
+            proc.stop();
             drop(guard);
-            domain.timed_out(self, seqno);
+            trace::queue_stop(self.name, self.fence_ctx.context());
+            domain.timed_out(&mut members, self, seqno);
             return;
         }
         // Detach first: the backend may signal the hardware fences while it resets the ring.
@@ -988,11 +1008,7 @@ impl<T: Backend> Inner<T> {
 
     /// Stops the queue, as [`JobQueue::stop`] does.
     fn stop(&self) {
-        let mut proc = self.proc.lock();
-        proc.stopped += 1;
-        proc.pause_timeout();
-        proc.detach_running();
-        drop(proc);
+        self.proc.lock().stop();
         trace::queue_stop(self.name, self.fence_ctx.context());
     }
 
@@ -1009,6 +1025,8 @@ impl<T: Backend> Inner<T> {
         trace::queue_start(self.name, self.fence_ctx.context(), recovery);
         self.kick_run();
         self.kick_retire();
+        // Deadlines set while the queue was stopped.
+        let _ = self.wq.enqueue::<Arc<Self>, DEADLINE>(self.clone());
         if let Some(timeout) = self.timeout {
             self.arm_timeout(timeout);
         }
@@ -1603,7 +1621,16 @@ pub struct ResetDomain<T: Backend> {
     /// time, and is held across [`Backend::timed_out`]: the timeouts of the domain are handled
     /// one at a time. Nothing allocates under it.
     #[pin]
-    members: Mutex<KVec<Arc<Inner<T>>>>,
+    members: Mutex<Members<T>>,
+}
+
+/// The queues of a [`ResetDomain`] and what they went through together.
+struct Members<T: Backend> {
+    list: KVec<Arc<Inner<T>>>,
+    /// A reset the driver completes later is pending: every queue is stopped by the domain.
+    stopped: bool,
+    /// The device is gone: every queue is dead.
+    gone: bool,
 }
 
 impl<T: Backend> ResetDomain<T> {
@@ -1618,7 +1645,15 @@ impl<T: Backend> ResetDomain<T> {
         Arc::pin_init(
             pin_init!(Self {
                 wq,
-                members <- Mutex::new(KVec::new(), DOMAIN_LOCK_NAME, domain_lock_class()),
+                members <- Mutex::new(
+                    Members {
+                        list: KVec::new(),
+                        stopped: false,
+                        gone: false,
+                    },
+                    DOMAIN_LOCK_NAME,
+                    domain_lock_class()
+                ),
             }),
             GFP_KERNEL,
         )
@@ -1629,25 +1664,36 @@ impl<T: Backend> ResetDomain<T> {
         &self.wq
     }
 
-    /// Adds a queue. The list grows outside the lock, which is taken in signalling sections.
+    /// Adds a queue. The list grows outside the lock, which is taken in signalling sections. A
+    /// queue that joins a stopped domain is stopped with it, one that joins a domain whose device
+    /// is gone is dead.
     fn add(&self, member: Arc<Inner<T>>) -> Result {
         let mut member = member;
         loop {
             let mut members = self.members.lock();
-            match members.push_within_capacity(member) {
-                Ok(()) => return Ok(()),
+            match members.list.push_within_capacity(member) {
+                Ok(()) => {
+                    if let Some(added) = members.list.last() {
+                        if members.gone {
+                            added.proc.lock().dead = true;
+                        } else if members.stopped {
+                            added.stop();
+                        }
+                    }
+                    return Ok(());
+                }
                 Err(err) => member = err.0,
             }
-            let want = members.capacity() * 2 + 4;
+            let want = members.list.capacity() * 2 + 4;
             drop(members);
             let mut bigger = KVec::with_capacity(want, GFP_KERNEL)?;
             let mut members = self.members.lock();
-            if members.capacity() < want {
-                while let Some(m) = members.pop() {
+            if members.list.capacity() < want {
+                while let Some(m) = members.list.pop() {
                     // Cannot fail: `bigger` has room for all of them.
                     let _ = bigger.push_within_capacity(m);
                 }
-                core::mem::swap(&mut *members, &mut bigger);
+                core::mem::swap(&mut members.list, &mut bigger);
             }
             drop(members);
             // The old list, empty, is freed here, without the lock.
@@ -1660,9 +1706,10 @@ impl<T: Backend> ResetDomain<T> {
         let (found, pending) = {
             let mut members = self.members.lock();
             let found = members
+                .list
                 .iter()
                 .position(|m| Arc::ptr_eq(m, member))
-                .and_then(|i| members.remove(i).ok());
+                .and_then(|i| members.list.remove(i).ok());
             let pending = member.proc.lock().reset_guilty.take();
             (found, pending)
         };
@@ -1679,19 +1726,13 @@ impl<T: Backend> ResetDomain<T> {
         drop(found);
     }
 
-    /// Handles the timeout of job `seqno` of `guilty`, for the whole domain.
-    fn timed_out(&self, guilty: &Arc<Inner<T>>, seqno: u64) {
-        let members = self.members.lock();
-        // A timeout handled meanwhile stopped the domain (for a reset the driver completes
-        // later), or the queue is going: its resume re-arms the timeout.
-        {
-            let proc = guilty.proc.lock();
-            if proc.stopped > 0 || proc.dead || proc.dying {
-                return;
+    /// Handles the timeout of job `seqno` of `guilty`, for the whole domain, with the domain's
+    /// lock held since the timeout was found and `guilty` stopped since.
+    fn timed_out(&self, members: &mut Members<T>, guilty: &Arc<Inner<T>>, seqno: u64) {
+        for member in members.list.iter() {
+            if !Arc::ptr_eq(member, guilty) {
+                member.stop();
             }
-        }
-        for member in members.iter() {
-            member.stop();
         }
         let action = {
             let mut guard = guilty.proc.lock();
@@ -1724,28 +1765,30 @@ impl<T: Backend> ResetDomain<T> {
         };
         match action {
             TimeoutAction::NoHang => {
-                Self::resume_members(&members, guilty, Recovery::Continue, None);
+                Self::resume_members(&members.list, guilty, Recovery::Continue, None);
             }
             TimeoutAction::Reset(recovery) => {
-                Self::resume_members(&members, guilty, recovery, Some(seqno));
+                Self::resume_members(&members.list, guilty, recovery, Some(seqno));
             }
             // Until `JobQueue::reset_done`.
-            TimeoutAction::ResetLater => {}
+            TimeoutAction::ResetLater => members.stopped = true,
             TimeoutAction::DeviceGone => {
-                for member in members.iter() {
+                members.gone = true;
+                for member in members.list.iter() {
                     let mut proc = member.proc.lock();
                     proc.dead = true;
                     proc.finish_all(ENODEV);
                 }
-                Self::resume_members(&members, guilty, Recovery::Continue, None);
+                Self::resume_members(&members.list, guilty, Recovery::Continue, None);
             }
         }
     }
 
     /// Resumes every queue after the reset of `guilty`'s job `seqno`.
     fn resume_all(&self, guilty: &Arc<Inner<T>>, recovery: Recovery, seqno: u64) {
-        let members = self.members.lock();
-        Self::resume_members(&members, guilty, recovery, Some(seqno));
+        let mut members = self.members.lock();
+        members.stopped = false;
+        Self::resume_members(&members.list, guilty, recovery, Some(seqno));
     }
 
     fn resume_members(
