@@ -1085,12 +1085,12 @@ mod tests {
 ///
 /// The same as in `drivers/gpu/drm/tests/jobqueue_kunit.rs`, for Tyr's paths.
 ///
-/// Set to `n`, it makes the `n`-th allocation of the task that failslab or fail_page_alloc may
-/// fail fail, whatever their probability (`should_fail_ex()`): each such allocation counts it
+/// Set to `n`, it makes the `n`-th allocation of the task that failslab or fail_page_alloc may fail
+/// actually fail, whatever their probability (`should_fail_ex()`): each such allocation counts it
 /// down, and it stays at 0 once it has fired. Allocations that may reclaim (`GFP_KERNEL`) count
-/// only once failslab's and fail_page_alloc's `ignore-gfp-wait` are off, which only debugfs can
-/// do: harness/initramfs-init does it after the boot-time suites, then runs the fault-injection
-/// suites again through `/sys/kernel/debug/kunit/<suite>/run`. At boot their cases skip.
+/// only once failslab's and fail_page_alloc's `ignore-gfp-wait` are off, which only debugfs can do:
+/// harness/initramfs-init does it after the boot-time suites, then runs the fault-injection suites
+/// again through `/sys/kernel/debug/kunit/<suite>/run`. At boot their cases skip.
 #[cfg(CONFIG_FAULT_INJECTION)]
 mod fault {
     use kernel::{
