@@ -2008,15 +2008,14 @@ impl<H> ProxyFence<H> {
 impl<H> PinnedDrop for ProxyFence<H> {
     fn drop(self: Pin<&mut Self>) {
         let raw = self.fence.as_raw();
-        // SAFETY: By the type invariants the fence points to our slot until now; clearing the
-        // pointer under the fence lock means `fence_set_deadline()` no longer reaches the slot,
-        // the hook or the source once the lock is dropped, before any field of the proxy goes.
-        unsafe {
-            let flags = bindings::dma_fence_lock_irqsave(raw);
-            (*raw.cast::<RawFence>()).deadline = ptr::null_mut();
-            bindings::dma_fence_unlock_irqrestore(raw, flags);
-        }
-        let owner = self.with_slot(|slot| slot.owner);
+        let owner = self.with_slot(|slot| {
+            // SAFETY: By the type invariants the fence points to our slot until now, and
+            // `with_slot` holds its lock: clearing the pointer under it means
+            // `fence_set_deadline()` no longer reaches the slot, the hook or the source once the
+            // lock is dropped, before any field of the proxy goes.
+            unsafe { (*raw.cast::<RawFence>()).deadline = ptr::null_mut() };
+            slot.owner
+        });
         // SAFETY: The fence no longer points to the slot, so nothing else accesses the hook;
         // `Opaque` does not drop it, so it is dropped once, here, before its module may go.
         unsafe { ptr::drop_in_place(Opaque::cast_into(ptr::addr_of!(self.deadline))) };

@@ -858,14 +858,13 @@ impl<T: Backend> Inner<T> {
 
     /// Gives [`Backend::deadline`] the deadline of a job on the hardware, if it has one it was
     /// not given yet.
-    fn tell_deadline(&self, node: Pin<&mut JobNode<T>>) {
+    fn tell_deadline(&self, mut node: Pin<&mut JobNode<T>>) {
         if !matches!(node.state, JobState::Running { .. }) {
             return;
         }
         let Some(deadline) = node.done.deadline() else {
             return;
         };
-        let mut node = node;
         let told = node.as_mut().project().deadline_told;
         if told.is_some_and(|t| (t - deadline).is_zero()) {
             return;
