@@ -224,6 +224,10 @@ def main():
             problems.append('kmemleak did not scan')
         elif km.group(1) != '0':
             problems.append(f'kmemleak: {km.group(1)} unreferenced objects')
+            # The records in full, with their allocation backtraces: a leak that
+            # shows once in many runs is found from this output alone.
+            problems += [f'kmemleak: {line.split("jq-harness: kmemleak: ", 1)[1]}'
+                         for line in lines if 'jq-harness: kmemleak: ' in line][:80]
 
     if args.require_kcsan:
         counters = dict(re.findall(r'jq-harness: kcsan (\w+): (\d+)', joined))
