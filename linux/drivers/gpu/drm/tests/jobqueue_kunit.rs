@@ -337,6 +337,9 @@ struct Stats {
     /// `deadline_base`.
     deadlines: Atomic<u32>,
     last_deadline_ms: Atomic<i64>,
+    /// Runs of jobs with a `run_gate`, and those whose gate did not open in time.
+    gated_runs: Atomic<u32>,
+    gate_timeouts: Atomic<u32>,
 }
 
 impl Stats {
@@ -354,6 +357,8 @@ impl Stats {
                 drop_wait_failed: Atomic::new(0),
                 deadlines: Atomic::new(0),
                 last_deadline_ms: Atomic::new(0),
+                gated_runs: Atomic::new(0),
+                gate_timeouts: Atomic::new(0),
             },
             GFP_KERNEL,
         )?)
@@ -387,6 +392,9 @@ struct MockJob {
     hw: Option<ARef<DmaFence>>,
     /// What `Backend::deadline` measures deadlines from.
     deadline_base: Option<Instant<Monotonic>>,
+    /// `run` waits (sleeping, for at most five seconds) until this is set, with the queue's lock
+    /// held, as a backend might for a firmware doorbell.
+    run_gate: Option<Arc<Atomic<bool>>>,
 }
 
 impl MockJob {
@@ -407,6 +415,7 @@ impl MockJob {
             ring: None,
             hw: None,
             deadline_base: None,
+            run_gate: None,
         })
     }
 }
@@ -457,6 +466,17 @@ impl Backend for MockBackend {
             self.stats.order_violations.add(1, ordering::Relaxed);
         }
         job.runs += 1;
+        if let Some(gate) = &job.run_gate {
+            self.stats.gated_runs.add(1, ordering::Relaxed);
+            let start = Instant::<Monotonic>::now();
+            while !gate.load(ordering::Acquire) {
+                if start.elapsed() > Delta::from_secs(5) {
+                    self.stats.gate_timeouts.add(1, ordering::Relaxed);
+                    break;
+                }
+                fsleep(us(500));
+            }
+        }
         if job.check.iter().any(|f| !f.is_signaled()) {
             self.stats.dependency_violations.add(1, ordering::Relaxed);
         }
@@ -996,6 +1016,39 @@ mod tests {
         assert_eq!(Stats::get(&f.stats.runs), 16 * 50);
         assert_eq!(Stats::get(&f.stats.order_violations), 0);
         drop(submitters);
+        Ok(())
+    }
+
+    #[test]
+    fn submit_never_waits_for_the_queue() -> Result {
+        let f = Fixture::new(c"no_wait", 4, None)?;
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"no-wait-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
+        let mut first = MockJob::new(&f.stats, us(20))?;
+        first.run_gate = Some(gate.clone());
+        let mut job = f.queue.new_job(1, first)?;
+        job.add_dependency(dep.to_aref())?;
+        let done_first = f.queue.submit(job)?;
+        // The run work hands the first job on when `dep` signals; its `run` then waits for the
+        // gate with the queue's lock held.
+        dep.signal(Ok(()));
+        let mut tries = 0;
+        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        // Returns at once, although the queue is busy in `run`: the run work hands the job on.
+        let done_second = f.submit_simple(us(20))?;
+        gate.store(true, ordering::Release);
+        wait(&done_first)?;
+        wait(&done_second)?;
+        assert_eq!(Stats::get(&f.stats.gate_timeouts), 0);
+        assert_eq!(done_first.status(), Some(Ok(())));
+        assert_eq!(done_second.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
         Ok(())
     }
 
