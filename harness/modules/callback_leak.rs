@@ -8,7 +8,8 @@
 //! late signal after an unload would call into freed module text. `fence_leak` proves the same for
 //! fences whose names are in the module. The post-test init of `harness/run test` loads the module
 //! and tries to unload it (case `module_unload_callback_barrier`). The leaked objects stay
-//! referenced from the statics below, so kmemleak finds nothing while the module is loaded.
+//! referenced from the statics below, so kmemleak finds nothing while the module is loaded; they
+//! are `#[used]`, or the compiler would drop them (nothing reads them).
 
 use core::{
     ptr,
@@ -35,8 +36,10 @@ module! {
 }
 
 /// The pending fence, leaked with `KBox::leak`.
+#[used]
 static FENCE: AtomicPtr<UniqueFence> = AtomicPtr::new(ptr::null_mut());
 /// The callback armed on `FENCE`, given to `core::mem::forget`.
+#[used]
 static CALLBACK: AtomicPtr<FenceCallback<WakeTask>> = AtomicPtr::new(ptr::null_mut());
 
 struct CallbackLeak;

@@ -7,7 +7,9 @@
 //! unload a read of the names (a sync_file's info ioctl, a trace point) or a late signal would
 //! touch freed memory. The post-test init of `harness/run test` loads the module and tries to
 //! unload it (case `module_unload_barrier`). The leaked objects stay referenced from the statics
-//! below, so kmemleak finds nothing while the module is loaded.
+//! below, so kmemleak finds nothing while the module is loaded. The statics are `#[used]`: nothing
+//! reads them, and without it the compiler drops them with their stores (kmemleak then reported
+//! the forgotten fence whenever no stale stack slot happened to point to it).
 
 use core::{
     ptr,
@@ -39,10 +41,13 @@ module! {
 }
 
 /// The fence given to `core::mem::forget`.
+#[used]
 static FORGOTTEN: AtomicPtr<DmaFence> = AtomicPtr::new(ptr::null_mut());
 /// The fence leaked with `KBox::leak`.
+#[used]
 static LEAKED: AtomicPtr<UniqueFence> = AtomicPtr::new(ptr::null_mut());
 /// The callback armed on `LEAKED`, given to `core::mem::forget`.
+#[used]
 static CALLBACK: AtomicPtr<FenceCallback<CompleteCompletion>> = AtomicPtr::new(ptr::null_mut());
 
 struct FenceLeak;
