@@ -890,6 +890,8 @@ impl<T: Backend> Inner<T> {
                 [const { None }; RETIRE_BATCH];
             let mut taken = 0;
             {
+                // For the run below: `Backend::run` is called in a signalling section.
+                let _section = SignallingSection::begin();
                 let mut guard = self.lock();
                 let proc = &mut *guard;
                 while taken < RETIRE_BATCH {
@@ -936,12 +938,12 @@ impl<T: Backend> Inner<T> {
                     batch[taken] = Some(node);
                     taken += 1;
                 }
-            }
-            if taken > 0 {
-                // The credits are back: hand the next jobs to the hardware before the payloads
-                // go, whatever their `Drop` does (it runs on the queue's workqueue, which the run
-                // work may share).
-                self.run_jobs();
+                if taken > 0 {
+                    // The credits are back: hand the next jobs to the hardware, in the same hold
+                    // of the lock, before the payloads go, whatever their `Drop` does (it runs on
+                    // the queue's workqueue, which the run work may share).
+                    self.run_locked(guard);
+                }
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                 self.drop_job(node);
