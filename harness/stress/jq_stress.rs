@@ -152,6 +152,11 @@ struct Counters {
     inj_hang: Counter,
     inj_run_error: Counter,
     inj_c_error: Counter,
+    /// Submissions whose building was given an allocation failure (`fail_nth`), those where it
+    /// fired, and those that then ended with `ENOMEM`.
+    inj_alloc_armed: Counter,
+    inj_alloc_fired: Counter,
+    inj_alloc_enomem: Counter,
     // What the backend and the controller did.
     hangs_hit: Counter,
     timeouts: Counter,
@@ -213,6 +218,9 @@ static C: Counters = Counters {
     inj_hang: Counter::new(),
     inj_run_error: Counter::new(),
     inj_c_error: Counter::new(),
+    inj_alloc_armed: Counter::new(),
+    inj_alloc_fired: Counter::new(),
+    inj_alloc_enomem: Counter::new(),
     hangs_hit: Counter::new(),
     timeouts: Counter::new(),
     no_hang: Counter::new(),
@@ -1087,7 +1095,72 @@ fn mark_decisive(check: &mut KVec<(ARef<DmaFence>, bool)>) {
 }
 
 /// Builds and submits one random job on `inst`.
-fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng) -> Result {
+/// Fails the `n`-th allocation of the running task from now on (`current->fail_nth` of
+/// `CONFIG_FAULT_INJECTION`), until disarmed. `GFP_KERNEL` allocations count only while
+/// failslab's `ignore-gfp-wait` is off, as harness/initramfs-init sets it for the stress run.
+struct FailNth {
+    armed: bool,
+    fired: bool,
+}
+
+impl FailNth {
+    fn arm(n: u32) -> Self {
+        let armed = cfg!(CONFIG_FAULT_INJECTION) && n > 0;
+        if armed {
+            C.inj_alloc_armed.inc();
+            Self::set(n);
+        }
+        Self {
+            armed,
+            fired: false,
+        }
+    }
+
+    #[cfg(CONFIG_FAULT_INJECTION)]
+    fn set(n: u32) {
+        let task = kernel::task::Task::current_raw();
+        // SAFETY: `current` is valid while it runs. `fail_nth` is an `unsigned int` that the
+        // task reads and writes with READ_ONCE()/WRITE_ONCE() (`should_fail_ex()`); a volatile
+        // access is what those macros do.
+        unsafe { core::ptr::write_volatile(&raw mut (*task).fail_nth, n) };
+    }
+
+    #[cfg(CONFIG_FAULT_INJECTION)]
+    fn left() -> u32 {
+        let task = kernel::task::Task::current_raw();
+        // SAFETY: As in `set`.
+        unsafe { core::ptr::read_volatile(&raw const (*task).fail_nth) }
+    }
+
+    #[cfg(not(CONFIG_FAULT_INJECTION))]
+    fn set(_n: u32) {}
+
+    #[cfg(not(CONFIG_FAULT_INJECTION))]
+    fn left() -> u32 {
+        1
+    }
+
+    /// Stops the injection; returns whether the failure was injected.
+    fn disarm(&mut self) -> bool {
+        if core::mem::replace(&mut self.armed, false) {
+            // The count reached 0: the allocation it stood for failed.
+            self.fired = Self::left() == 0;
+            Self::set(0);
+            if self.fired {
+                C.inj_alloc_fired.inc();
+            }
+        }
+        self.fired
+    }
+}
+
+impl Drop for FailNth {
+    fn drop(&mut self) {
+        self.disarm();
+    }
+}
+
+fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng, fail: &mut FailNth) -> Result {
     let queue = inst.queue();
     let credits = 1 + rng.below(inst.capacity.min(4));
     // Durations of 0 to 3 ms; a few jobs are done when `run` returns.
@@ -1147,6 +1220,8 @@ fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng) -> Result {
         }
     }
     mark_decisive(&mut job.payload_mut().check);
+    // Everything that may fail is done: the submission itself does not allocate.
+    fail.disarm();
     match queue.submit(job) {
         Ok(done) => {
             C.submitted.inc();
@@ -1182,10 +1257,18 @@ fn submitter(shared: Arc<Shared>, mut rng: Rng) {
             fsleep(Delta::from_micros(200));
             continue;
         }
-        if let Err(e) = submit_one(&shared, &inst, &mut rng) {
-            failures += 1;
-            if failures <= 5 {
-                pr_err!("jq-stress: ERROR: submission failed: {:?}\n", e);
+        // One building in 16 gets one of its first 12 allocations failed.
+        let mut fail = FailNth::arm(if rng.one_in(16) { 1 + rng.below(12) } else { 0 });
+        let result = submit_one(&shared, &inst, &mut rng, &mut fail);
+        let injected = fail.disarm();
+        match result {
+            Err(e) if e == ENOMEM && injected => C.inj_alloc_enomem.inc(),
+            Ok(()) => {}
+            Err(e) => {
+                failures += 1;
+                if failures <= 5 {
+                    pr_err!("jq-stress: ERROR: submission failed: {:?}\n", e);
+                }
             }
         }
     }
@@ -1312,12 +1395,16 @@ fn print_figures(elapsed: Delta) {
         C.done_enodev.get(), C.done_epipe.get(), C.done_enospc.get(), C.done_other.get()
     );
     pr_info!(
-        "jq-stress: injected: hw errors {} hangs {} (hit {}) run errors {} C fence errors {}\n",
+        "jq-stress: injected: hw errors {} hangs {} (hit {}) run errors {} C fence errors {}; allocation failures armed {} fired {} (ENOMEM {}, absorbed {})\n",
         C.inj_hw_error.get(),
         C.inj_hang.get(),
         C.hangs_hit.get(),
         C.inj_run_error.get(),
-        C.inj_c_error.get()
+        C.inj_c_error.get(),
+        C.inj_alloc_armed.get(),
+        C.inj_alloc_fired.get(),
+        C.inj_alloc_enomem.get(),
+        C.inj_alloc_fired.get() - C.inj_alloc_enomem.get()
     );
     pr_info!(
         "jq-stress: recovery: timeouts {} (no hang {}), resets {} (resubmit {} cancel {} continue {} later {}, done {}), device gone {}, stops {} (resume continue {} resubmit {} cancel {}), queues made {} torn down {}\n",
