@@ -7,8 +7,9 @@
 //! All state is in [`Proc`], behind the queue's mutex. The work items, [`JobQueue::stop`] and
 //! teardown take it, always through [`Inner::lock`]; the backend's `run` and `timed_out` are
 //! called with it held. [`JobQueue::submit`] never waits for it: it adds the job to
-//! [`Submitted`], behind a spinlock held for a few instructions, and then only *tries* the mutex
-//! to hand the job on itself; if another thread holds the mutex, the run work does it.
+//! [`Submitted`], behind a spinlock that covers only the job's own set-up (its done fence, the
+//! check of its dependencies), and then only *tries* the mutex to hand the job on itself; if
+//! another thread holds the mutex, the run work does it.
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
 //! holder sees every submitted job. Fence callbacks take neither lock: they only enqueue work
 //! ([`EnqueueWork`]) or signal a done fence ([`ProxyFence`]). So the lock order is: queue mutex,
@@ -115,7 +116,8 @@ static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
 static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 
 /// How many jobs the run work hands on before it lets go of the lock and queues itself again:
-/// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
+/// the timeout, stop and teardown paths wait for the lock, and [`Backend::run`] can be slow or
+/// preempted.
 const RUN_BATCH: u32 = 16;
 
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
@@ -687,18 +689,23 @@ impl<T: Backend> Inner<T> {
         self.run_locked(self.lock());
     }
 
-    /// Hands a job just submitted to the hardware if it is next in line and no other thread
-    /// holds the mutex; otherwise leaves it to the run work, so that the submitter never waits
-    /// for the retire work or for another submitter.
-    fn run_submitted(self: &Arc<Self>) {
+    /// Hands the job just submitted, `seqno`, to the hardware if it is next in line and no other
+    /// thread holds the mutex; otherwise leaves it to the run work, so that the submitter never
+    /// waits for the retire work or for another submitter.
+    fn run_submitted(self: &Arc<Self>, seqno: u64) {
         let _section = SignallingSection::begin();
-        match self.proc.try_lock() {
-            Some(mut guard) => {
-                self.take_submitted(&mut guard, false);
-                self.run_locked(guard);
-            }
+        let Some(mut guard) = self.proc.try_lock() else {
             // The holder may be past its last look at `submitted`.
-            None => self.kick_run(),
+            self.kick_run();
+            return;
+        };
+        self.take_submitted(&mut guard, false);
+        // Only a job that is next to run needs handing on now. Otherwise a job before it has not
+        // run yet, and what holds that job back (its own submitter, which did the same as here,
+        // a dependency, credits, a stop, the run work that yielded after a batch) kicks the run
+        // work when it clears; the run work then gets to this job as well.
+        if guard.next_run == seqno {
+            self.run_locked(guard);
         }
     }
 
@@ -731,7 +738,7 @@ impl<T: Backend> Inner<T> {
         let retire = (started || finished) && !core::mem::replace(&mut proc.retire_busy, true);
         drop(guard);
         if more {
-            // Let submitters have the lock, then go on.
+            // Let the other paths have the lock, then go on.
             self.kick_run();
         }
 
@@ -1337,7 +1344,7 @@ impl<T: Backend> JobQueue<T> {
         let Ok(node) = KBox::write_pin_init(node, init);
         submitted.jobs.insert(reservation.into_node(seqno, node));
         drop(submitted);
-        self.inner.run_submitted();
+        self.inner.run_submitted(seqno);
         Ok(done_ref)
     }
 
