@@ -1731,6 +1731,56 @@ mod tests {
         Ok(())
     }
 
+    /// Submitters racing a timeout that finds the device gone: each submission is refused with
+    /// `ENODEV` or its done fence signals (with `ENODEV` unless it finished before), none is lost
+    /// between the submission list and the queue's end.
+    #[test]
+    fn submit_races_device_gone() -> Result {
+        let f = Arc::new(
+            Fixture::with_action(
+                c"gone-race",
+                4,
+                Some(Delta::from_millis(20)),
+                TimeoutAction::DeviceGone,
+            )?,
+            GFP_KERNEL,
+        )?;
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let hung = f.queue().submit(hang)?;
+        let mut submitters = KVec::new();
+        for _ in 0..4 {
+            let s = Arc::pin_init(
+                pin_init!(Submitter {
+                    work <- new_work!("jobqueue_kunit::Submitter"),
+                    fixture: f.clone(),
+                    jobs: 400,
+                    last <- new_spinlock_irq!(None),
+                    errors: Atomic::new(0),
+                    in_order: Atomic::new(true),
+                }),
+                GFP_KERNEL,
+            )?;
+            let _ = workqueue::system_dfl().enqueue(s.clone());
+            submitters.push(s, GFP_KERNEL)?;
+        }
+        wait(&hung)?;
+        assert_eq!(hung.status(), Some(Err(ENODEV)));
+        for s in &submitters {
+            s.work.flush();
+            assert!(s.in_order.load(ordering::Relaxed));
+            let last = s.last.lock().clone();
+            if let Some(last) = last {
+                wait(&last)?;
+                assert!(matches!(last.status(), Some(Ok(()) | Err(ENODEV))));
+            }
+        }
+        // Refused from the end on. The fences of the run are counted: every one signals.
+        let job = f.job(1, us(10))?;
+        assert_eq!(f.queue().submit(job).err().map(|e| e.error), Some(ENODEV));
+        Ok(())
+    }
+
     /// Defect 1: teardown stops the ring through the backend before it finishes the jobs on it,
     /// and waits one timeout for all of them, not one per job.
     #[test]
