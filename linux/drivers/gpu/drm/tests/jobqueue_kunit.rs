@@ -1750,10 +1750,11 @@ mod tests {
         let hung = f.queue().submit(hang)?;
         let mut submitters = KVec::new();
         for _ in 0..4 {
+            let fixture = f.clone();
             let s = Arc::pin_init(
                 pin_init!(Submitter {
                     work <- new_work!("jobqueue_kunit::Submitter"),
-                    fixture: f.clone(),
+                    fixture,
                     jobs: 400,
                     last <- new_spinlock_irq!(None),
                     errors: Atomic::new(0),
