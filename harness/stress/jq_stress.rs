@@ -70,6 +70,12 @@ use kernel::{
     workqueue::OwnedQueue, //
 };
 
+// Fails the `n`-th allocation of the running task from now on, until disarmed. `GFP_KERNEL`
+// allocations count only while failslab's `ignore-gfp-wait` is off, as harness/initramfs-init
+// sets it for the stress run.
+#[cfg(CONFIG_FAULT_INJECTION)]
+use kernel::fault_inject::FailNth;
+
 module! {
     type: JqStress,
     name: "jq_stress",
@@ -1094,72 +1100,22 @@ fn mark_decisive(check: &mut KVec<(ARef<DmaFence>, bool)>) {
     }
 }
 
-/// Builds and submits one random job on `inst`.
-/// Fails the `n`-th allocation of the running task from now on (`current->fail_nth` of
-/// `CONFIG_FAULT_INJECTION`), until disarmed. `GFP_KERNEL` allocations count only while
-/// failslab's `ignore-gfp-wait` is off, as harness/initramfs-init sets it for the stress run.
-struct FailNth {
-    armed: bool,
-    fired: bool,
-}
+/// Without `CONFIG_FAULT_INJECTION`, [`kernel::fault_inject::FailNth`] makes nothing fail.
+#[cfg(not(CONFIG_FAULT_INJECTION))]
+struct FailNth;
 
+#[cfg(not(CONFIG_FAULT_INJECTION))]
 impl FailNth {
-    fn arm(n: u32) -> Self {
-        let armed = cfg!(CONFIG_FAULT_INJECTION) && n > 0;
-        if armed {
-            C.inj_alloc_armed.inc();
-            Self::set(n);
-        }
-        Self {
-            armed,
-            fired: false,
-        }
+    fn arm(_n: u32) -> Self {
+        Self
     }
 
-    #[cfg(CONFIG_FAULT_INJECTION)]
-    fn set(n: u32) {
-        let task = kernel::task::Task::current_raw();
-        // SAFETY: `current` is valid while it runs. `fail_nth` is an `unsigned int` that the
-        // task reads and writes with READ_ONCE()/WRITE_ONCE() (`should_fail_ex()`); a volatile
-        // access is what those macros do.
-        unsafe { core::ptr::write_volatile(&raw mut (*task).fail_nth, n) };
-    }
-
-    #[cfg(CONFIG_FAULT_INJECTION)]
-    fn left() -> u32 {
-        let task = kernel::task::Task::current_raw();
-        // SAFETY: As in `set`.
-        unsafe { core::ptr::read_volatile(&raw const (*task).fail_nth) }
-    }
-
-    #[cfg(not(CONFIG_FAULT_INJECTION))]
-    fn set(_n: u32) {}
-
-    #[cfg(not(CONFIG_FAULT_INJECTION))]
-    fn left() -> u32 {
-        1
-    }
-
-    /// Stops the injection; returns whether the failure was injected.
     fn disarm(&mut self) -> bool {
-        if core::mem::replace(&mut self.armed, false) {
-            // The count reached 0: the allocation it stood for failed.
-            self.fired = Self::left() == 0;
-            Self::set(0);
-            if self.fired {
-                C.inj_alloc_fired.inc();
-            }
-        }
-        self.fired
+        false
     }
 }
 
-impl Drop for FailNth {
-    fn drop(&mut self) {
-        self.disarm();
-    }
-}
-
+/// Builds and submits one random job on `inst`; `fail` is disarmed once the job is built.
 fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng, fail: &mut FailNth) -> Result {
     let queue = inst.queue();
     let credits = 1 + rng.below(inst.capacity.min(4));
@@ -1258,9 +1214,16 @@ fn submitter(shared: Arc<Shared>, mut rng: Rng) {
             continue;
         }
         // One building in 16 gets one of its first 12 allocations failed.
-        let mut fail = FailNth::arm(if rng.one_in(16) { 1 + rng.below(12) } else { 0 });
+        let n = if rng.one_in(16) { 1 + rng.below(12) } else { 0 };
+        if cfg!(CONFIG_FAULT_INJECTION) && n > 0 {
+            C.inj_alloc_armed.inc();
+        }
+        let mut fail = FailNth::arm(n);
         let result = submit_one(&shared, &inst, &mut rng, &mut fail);
         let injected = fail.disarm();
+        if injected {
+            C.inj_alloc_fired.inc();
+        }
         match result {
             Err(e) if e == ENOMEM && injected => C.inj_alloc_enomem.inc(),
             Ok(()) => {}
