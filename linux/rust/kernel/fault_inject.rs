@@ -184,8 +184,8 @@ impl Drop for FailNth {
 
 /// Returns whether `GFP_KERNEL` allocations of the current task can be made to fail.
 ///
-/// They can once failslab's `ignore-gfp-wait` is off. Tries one such allocation with `fail_nth`
-/// armed.
+/// They can with failslab (`CONFIG_FAILSLAB`) once its `ignore-gfp-wait` is off. Tries one such
+/// allocation with `fail_nth` armed.
 ///
 /// # Examples
 ///
@@ -224,9 +224,9 @@ pub fn check_fail_nth() -> Result {
     let nowait = KBox::new(0u64, GFP_NOWAIT).is_err();
     let nowait_fired = fail.disarm();
     let mut fail = FailNth::arm(1);
-    let kernel = KBox::new(0u64, GFP_KERNEL).is_err();
-    let kernel_fired = fail.disarm();
-    match (nowait, nowait_fired, kernel, kernel_fired) {
+    let gfp_kernel = KBox::new(0u64, GFP_KERNEL).is_err();
+    let gfp_kernel_fired = fail.disarm();
+    match (nowait, nowait_fired, gfp_kernel, gfp_kernel_fired) {
         (true, true, true, true) | (true, true, false, false) => Ok(()),
         _ => Err(EINVAL),
     }
