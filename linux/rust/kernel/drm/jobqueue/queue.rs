@@ -626,7 +626,7 @@ impl<T: Backend> Inner<T> {
             if submitted.jobs.is_empty() {
                 return;
             }
-            core::mem::replace(&mut submitted.jobs, RBTree::new())
+            core::mem::take(&mut submitted.jobs)
         };
         while let Some(cursor) = submitted.cursor_front_mut() {
             let (_, node) = cursor.current();
