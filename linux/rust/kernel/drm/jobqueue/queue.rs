@@ -249,10 +249,6 @@ pub(super) struct Inner<T: Backend> {
     pub(super) allow_zero_credits: bool,
     /// A fault asked for a timeout now.
     fault: Atomic<bool>,
-    /// The sequence number the run path last found missing from `Proc::jobs`: the next job to
-    /// run, if it is still in [`Submitted`]. Written with the mutex held, before a look at
-    /// `Submitted`.
-    next_run_hint: Atomic<u64>,
     pub(super) fence_ctx: NestedFenceContext,
     wq: Arc<FenceWorkqueue>,
     /// The reset domain the queue belongs to, if any: its timeout and fault work run on the
@@ -699,14 +695,8 @@ impl<T: Backend> Inner<T> {
     fn run_submitted(self: &Arc<Self>, seqno: u64) {
         let _section = SignallingSection::begin();
         let Some(mut guard) = self.proc.try_lock() else {
-            // The thread in the queue hands the job on if it gets to it. If it looked for the job
-            // and did not find it, it did so before this job's spinlock section, and the hint it
-            // stored before that look is visible here: the job is next, and the run work hands it
-            // on. Otherwise a job before it waits, and what holds that job back kicks the run
-            // work when it clears.
-            if self.next_run_hint.load(ordering::Relaxed) >= seqno {
-                self.kick_run();
-            }
+            // The holder may be past its last look at `submitted`.
+            self.kick_run();
             return;
         };
         self.take_submitted(&mut guard, false);
@@ -766,13 +756,6 @@ impl<T: Backend> Inner<T> {
     /// ring has room for it.
     fn run_one(&self, proc: &mut Proc<T>) -> Step {
         let seqno = proc.next_run;
-        if proc.jobs.get(&seqno).is_none() {
-            // Maybe still in `Submitted`. Its submitter, if it adds it after the look below and
-            // cannot take the lock, reads the hint (after this store, through the spinlock) and
-            // kicks the run work.
-            self.next_run_hint.store(seqno, ordering::Relaxed);
-            self.take_submitted(proc, false);
-        }
         let Some(node) = proc.jobs.get_mut(&seqno) else {
             return Step::Blocked;
         };
@@ -1238,7 +1221,6 @@ impl<T: Backend> JobQueue<T> {
                 pipeline_own: options.pipeline_own_dependencies,
                 allow_zero_credits: options.allow_zero_credits,
                 fault: Atomic::new(false),
-                next_run_hint: Atomic::new(1),
                 fence_ctx,
                 wq: inner_wq,
                 domain,
