@@ -674,6 +674,31 @@ impl_has_work! {
     impl HasWork<Self> for Submitter { self.work }
 }
 
+impl Submitter {
+    /// Starts `n` submitters of `jobs` jobs each to the queue of `fixture`, on the system
+    /// workqueue.
+    fn spawn(fixture: &Arc<Fixture>, n: usize, jobs: u32) -> Result<KVec<Arc<Submitter>>> {
+        let mut submitters = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            let fixture = fixture.clone();
+            let s = Arc::pin_init(
+                pin_init!(Submitter {
+                    work <- new_work!("jobqueue_kunit::Submitter"),
+                    fixture,
+                    jobs,
+                    last <- new_spinlock_irq!(None),
+                    errors: Atomic::new(0),
+                    in_order: Atomic::new(true),
+                }),
+                GFP_KERNEL,
+            )?;
+            let _ = workqueue::system_dfl().enqueue(s.clone());
+            submitters.push(s, GFP_KERNEL)?;
+        }
+        Ok(submitters)
+    }
+}
+
 impl WorkItem for Submitter {
     type Pointer = Arc<Submitter>;
 
@@ -989,23 +1014,7 @@ mod tests {
     #[test]
     fn sixteen_parallel_submitters() -> Result {
         let f = Arc::new(Fixture::new(c"parallel", 8, None)?, GFP_KERNEL)?;
-        let mut submitters = KVec::new();
-        for _ in 0..16 {
-            let fixture = f.clone();
-            let s = Arc::pin_init(
-                pin_init!(Submitter {
-                    work <- new_work!("jobqueue_kunit::Submitter"),
-                    fixture,
-                    jobs: 50,
-                    last <- new_spinlock_irq!(None),
-                    errors: Atomic::new(0),
-                    in_order: Atomic::new(true),
-                }),
-                GFP_KERNEL,
-            )?;
-            let _ = workqueue::system_dfl().enqueue(s.clone());
-            submitters.push(s, GFP_KERNEL)?;
-        }
+        let submitters = Submitter::spawn(&f, 16, 50)?;
         for s in &submitters {
             s.work.flush();
             assert_eq!(Stats::get(&s.errors), 0);
@@ -1748,23 +1757,7 @@ mod tests {
         let mut hang = f.job(1, us(10))?;
         hang.payload_mut().behaviour = Behaviour::Hang;
         let hung = f.queue().submit(hang)?;
-        let mut submitters = KVec::new();
-        for _ in 0..4 {
-            let fixture = f.clone();
-            let s = Arc::pin_init(
-                pin_init!(Submitter {
-                    work <- new_work!("jobqueue_kunit::Submitter"),
-                    fixture,
-                    jobs: 400,
-                    last <- new_spinlock_irq!(None),
-                    errors: Atomic::new(0),
-                    in_order: Atomic::new(true),
-                }),
-                GFP_KERNEL,
-            )?;
-            let _ = workqueue::system_dfl().enqueue(s.clone());
-            submitters.push(s, GFP_KERNEL)?;
-        }
+        let submitters = Submitter::spawn(&f, 4, 400)?;
         wait(&hung)?;
         assert_eq!(hung.status(), Some(Err(ENODEV)));
         for s in &submitters {
