@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: GPL-2.0
 """Judge a KUnit run by its whole kernel log, not only by KUnit's counts.
 
-Prints every problem found and ends with the line "N passed, N failed" (and
-", N skipped" when cases were skipped). Exits non-zero when a case failed, the
+The cases and their results are those kunit.py parsed from the boot's KTAP
+output (its --json file, --kunit-json). Prints every problem found and ends
+with the line "N passed, N failed" (and ", N skipped" when cases were skipped). Exits non-zero when a case failed, the
 kernel crashed or did not finish, or the log shows a lockdep report, BUG:,
 WARNING:, a sleep in atomic context, a KASAN, KCSAN or kmemleak report or a Rust
 panic. With --require-lockdep and --require-kmemleak it also requires proof,
@@ -17,13 +18,14 @@ fence_leak (unsignalled fences leaked) and callback_leak (an armed callback
 leaked) were refused. With --require-fault-injection, each fault-injection
 suite, which skips at boot, must have run again from the post-test init with
 every allocation failure armed: one more case per suite, failed if its run is
-missing, skipped, has no case or a failed one (its cases count as cases too).
+missing, skipped, has no case or a failed one.
 With --require-kcsan, the post-test init must have read KCSAN's counters, with
 KCSAN enabled and watchpoints set up; they are printed (a report fails the run
 whatever the counters say).
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -104,6 +106,7 @@ def main():
     ap.add_argument('--require-kcsan', action='store_true',
                     help='KCSAN must have been enabled and set up watchpoints')
     ap.add_argument('--kunit-rc', type=int, default=0)
+    ap.add_argument('--kunit-json', help="kunit.py's results of the run (its --json file)")
     ap.add_argument('--extra', help='a file of further "ok NAME"/"not ok NAME" results')
     ap.add_argument('log')
     args = ap.parse_args()
@@ -117,7 +120,6 @@ def main():
         return 1
 
     problems = []
-    results = []
     ktap_seen = not args.uml
     for i, line in enumerate(lines):
         text = TIMESTAMP.sub('', line)
@@ -128,9 +130,6 @@ def main():
                 print('checklog: ignored: the known UML boot-time lockdep report (lockdep is off for '
                       'the rest of the run: UML cannot prove locking)')
             continue
-        m = RESULT.match(text)
-        if m:
-            results.append((len(text) - len(text.lstrip()), m.group(1), m.group(2), m.group(3)))
         if any(b.search(text) for b in BENIGN):
             continue
         for pat, what in BAD:
@@ -138,22 +137,16 @@ def main():
                 problems.append(f'{what}: line {i + 1}: {text.strip()}')
                 break
 
-    # KTAP nests subtests by indentation and reports a suite (or a
-    # parameterised case) after its children: a result directly preceded by a
-    # deeper one closes a group and is not a case of its own.
     passed = failed = skipped = 0
-    leaf = []
-    for idx, (indent, status, name, rest) in enumerate(results):
-        if idx > 0 and results[idx - 1][0] > indent:
-            continue
-        leaf.append(name)
-        if '# SKIP' in rest:
-            skipped += 1
-        elif status == 'ok':
+    cases = kunit_cases(args.kunit_json) if args.kunit_json else []
+    for name, status in cases:
+        if status == 'PASS':
             passed += 1
+        elif status == 'SKIP':
+            skipped += 1
         else:
             failed += 1
-            problems.append(f'failed case: {name}')
+            problems.append(f'failed case: {name} ({status})')
 
     if args.extra:
         with open(args.extra) as f:
@@ -204,8 +197,8 @@ def main():
                 passed += 1
                 print(f'checklog: trace events ({tool}): {trace_summary}')
 
-    if not leaf:
-        problems.append('no KUnit results in the log: the kernel did not run the suites')
+    if not cases:
+        problems.append('kunit.py parsed no case: the kernel did not run the suites')
     if args.kunit_rc != 0 and failed == 0:
         problems.append(f'kunit.py exited with status {args.kunit_rc}')
 
@@ -245,6 +238,25 @@ def main():
         summary += f', {skipped} skipped'
     print(summary)
     return 1 if problems or failed else 0
+
+
+def kunit_cases(path):
+    """Returns (name, status) of every case in kunit.py's JSON, in order: the
+    leaves of its tree of suites (a parameterised case counts its parameters)."""
+    try:
+        with open(path) as f:
+            root = json.load(f)
+    except (OSError, ValueError):
+        return []
+    cases = []
+
+    def walk(group):
+        cases.extend((c['name'], c['status']) for c in group.get('test_cases', []))
+        for sub in group.get('sub_groups', []):
+            walk(sub)
+
+    walk(root)
+    return cases
 
 
 def fault_injection(lines, suite):

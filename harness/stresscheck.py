@@ -54,6 +54,10 @@ def main():
     if 'jq-stress: result: clean' not in joined:
         m = re.search(r'jq-stress: result: (.*)', joined)
         problems.append(f'the stress run: {m.group(1) if m else "no result: it did not finish"}')
+    m = re.search(r'allocation failures armed (\d+) fired (\d+) \(ENOMEM (\d+)', joined)
+    if not m or int(m.group(2)) == 0:
+        problems.append('no allocation failure was injected (is failslab in the kernel, and '
+                        'ignore-gfp-wait off?)')
     m = re.search(r'jq-harness: module jq_stress (.*)', joined)
     if not m or m.group(1).strip() != 'unload ok':
         problems.append(f'module jq_stress: {m.group(1).strip() if m else "not loaded"}, '

@@ -70,6 +70,12 @@ use kernel::{
     workqueue::OwnedQueue, //
 };
 
+// Fails the `n`-th allocation of the running task from now on, until disarmed. `GFP_KERNEL`
+// allocations count only while failslab's `ignore-gfp-wait` is off, as harness/initramfs-init
+// sets it for the stress run.
+#[cfg(CONFIG_FAULT_INJECTION)]
+use kernel::fault_inject::FailNth;
+
 module! {
     type: JqStress,
     name: "jq_stress",
@@ -152,6 +158,11 @@ struct Counters {
     inj_hang: Counter,
     inj_run_error: Counter,
     inj_c_error: Counter,
+    /// Submissions whose building was given an allocation failure (`fail_nth`), those where it
+    /// fired, and those that then ended with `ENOMEM`.
+    inj_alloc_armed: Counter,
+    inj_alloc_fired: Counter,
+    inj_alloc_enomem: Counter,
     // What the backend and the controller did.
     hangs_hit: Counter,
     timeouts: Counter,
@@ -213,6 +224,9 @@ static C: Counters = Counters {
     inj_hang: Counter::new(),
     inj_run_error: Counter::new(),
     inj_c_error: Counter::new(),
+    inj_alloc_armed: Counter::new(),
+    inj_alloc_fired: Counter::new(),
+    inj_alloc_enomem: Counter::new(),
     hangs_hit: Counter::new(),
     timeouts: Counter::new(),
     no_hang: Counter::new(),
@@ -1086,8 +1100,23 @@ fn mark_decisive(check: &mut KVec<(ARef<DmaFence>, bool)>) {
     }
 }
 
-/// Builds and submits one random job on `inst`.
-fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng) -> Result {
+/// Without `CONFIG_FAULT_INJECTION`, [`kernel::fault_inject::FailNth`] makes nothing fail.
+#[cfg(not(CONFIG_FAULT_INJECTION))]
+struct FailNth;
+
+#[cfg(not(CONFIG_FAULT_INJECTION))]
+impl FailNth {
+    fn arm(_n: u32) -> Self {
+        Self
+    }
+
+    fn disarm(&mut self) -> bool {
+        false
+    }
+}
+
+/// Builds and submits one random job on `inst`; `fail` is disarmed once the job is built.
+fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng, fail: &mut FailNth) -> Result {
     let queue = inst.queue();
     let credits = 1 + rng.below(inst.capacity.min(4));
     // Durations of 0 to 3 ms; a few jobs are done when `run` returns.
@@ -1147,6 +1176,8 @@ fn submit_one(shared: &Shared, inst: &Arc<Instance>, rng: &mut Rng) -> Result {
         }
     }
     mark_decisive(&mut job.payload_mut().check);
+    // Everything that may fail is done: the submission itself does not allocate.
+    fail.disarm();
     match queue.submit(job) {
         Ok(done) => {
             C.submitted.inc();
@@ -1182,10 +1213,25 @@ fn submitter(shared: Arc<Shared>, mut rng: Rng) {
             fsleep(Delta::from_micros(200));
             continue;
         }
-        if let Err(e) = submit_one(&shared, &inst, &mut rng) {
-            failures += 1;
-            if failures <= 5 {
-                pr_err!("jq-stress: ERROR: submission failed: {:?}\n", e);
+        // One building in 16 gets one of its first 12 allocations failed.
+        let n = if rng.one_in(16) { 1 + rng.below(12) } else { 0 };
+        if cfg!(CONFIG_FAULT_INJECTION) && n > 0 {
+            C.inj_alloc_armed.inc();
+        }
+        let mut fail = FailNth::arm(n);
+        let result = submit_one(&shared, &inst, &mut rng, &mut fail);
+        let injected = fail.disarm();
+        if injected {
+            C.inj_alloc_fired.inc();
+        }
+        match result {
+            Err(e) if e == ENOMEM && injected => C.inj_alloc_enomem.inc(),
+            Ok(()) => {}
+            Err(e) => {
+                failures += 1;
+                if failures <= 5 {
+                    pr_err!("jq-stress: ERROR: submission failed: {:?}\n", e);
+                }
             }
         }
     }
@@ -1312,12 +1358,16 @@ fn print_figures(elapsed: Delta) {
         C.done_enodev.get(), C.done_epipe.get(), C.done_enospc.get(), C.done_other.get()
     );
     pr_info!(
-        "jq-stress: injected: hw errors {} hangs {} (hit {}) run errors {} C fence errors {}\n",
+        "jq-stress: injected: hw errors {} hangs {} (hit {}) run errors {} C fence errors {}; allocation failures armed {} fired {} (ENOMEM {}, absorbed {})\n",
         C.inj_hw_error.get(),
         C.inj_hang.get(),
         C.hangs_hit.get(),
         C.inj_run_error.get(),
-        C.inj_c_error.get()
+        C.inj_c_error.get(),
+        C.inj_alloc_armed.get(),
+        C.inj_alloc_fired.get(),
+        C.inj_alloc_enomem.get(),
+        C.inj_alloc_fired.get() - C.inj_alloc_enomem.get()
     );
     pr_info!(
         "jq-stress: recovery: timeouts {} (no hang {}), resets {} (resubmit {} cancel {} continue {} later {}, done {}), device gone {}, stops {} (resume continue {} resubmit {} cancel {}), queues made {} torn down {}\n",

@@ -30,6 +30,7 @@
 #include <linux/seq_buf.h>
 #include <linux/slab.h>
 #include <linux/sort.h>
+#include <linux/workqueue.h>
 
 #include <drm/gpu_scheduler.h>
 
@@ -55,6 +56,7 @@ enum bench_shape {
 	SHAPE_CREDIT1,
 	SHAPE_STOPPED,
 	SHAPE_MEMORY,
+	SHAPE_QUEUES64_SHARED,
 };
 
 struct bench_workload {
@@ -74,6 +76,7 @@ static const struct bench_workload bench_workloads[] = {
 	{ "independent", SHAPE_INDEPENDENT, 100000 },
 	{ "stopped", SHAPE_STOPPED, 10000 },
 	{ "memory", SHAPE_MEMORY, 200000 },
+	{ "queues-64-shared", SHAPE_QUEUES64_SHARED, 64000 },
 };
 
 static unsigned int shape_queues(enum bench_shape shape)
@@ -84,6 +87,7 @@ static unsigned int shape_queues(enum bench_shape shape)
 	case SHAPE_FAN_IN:
 		return 17;
 	case SHAPE_QUEUES64:
+	case SHAPE_QUEUES64_SHARED:
 		return 64;
 	default:
 		return 1;
@@ -115,6 +119,7 @@ static void shape_plan(enum bench_shape shape, unsigned int i,
 			*deps = 16;
 		break;
 	case SHAPE_QUEUES64:
+	case SHAPE_QUEUES64_SHARED:
 		*queue = i % 64;
 		break;
 	default:
@@ -387,10 +392,14 @@ static void bench_sched_destroy(struct bench_sched *sched)
 	kfree(sched);
 }
 
-static struct bench_sched *bench_sched_new(u32 capacity)
+/* The submit_wq of every scheduler of the workload queues-64-shared. */
+static struct workqueue_struct *bench_shared_wq;
+
+static struct bench_sched *bench_sched_new(u32 capacity, struct workqueue_struct *submit_wq)
 {
 	struct drm_sched_init_args args = {
 		.ops = &bench_sched_ops,
+		.submit_wq = submit_wq,
 		.num_rqs = DRM_SCHED_PRIORITY_COUNT,
 		.credit_limit = capacity,
 		.timeout = msecs_to_jiffies(BENCH_TIMEOUT_MS),
@@ -429,6 +438,10 @@ static void bench_scheds_destroy(struct bench_sched **scheds, unsigned int count
 		if (scheds[i])
 			bench_sched_destroy(scheds[i]);
 	kfree(scheds);
+	if (bench_shared_wq) {
+		destroy_workqueue(bench_shared_wq);
+		bench_shared_wq = NULL;
+	}
 }
 
 static struct bench_sched **bench_scheds_new(enum bench_shape shape)
@@ -438,8 +451,16 @@ static struct bench_sched **bench_scheds_new(enum bench_shape shape)
 
 	if (!scheds)
 		return NULL;
+	if (shape == SHAPE_QUEUES64_SHARED) {
+		bench_shared_wq = alloc_workqueue("drm-sched-bench-shared",
+						  WQ_UNBOUND | WQ_MEM_RECLAIM, 0);
+		if (!bench_shared_wq) {
+			kfree(scheds);
+			return NULL;
+		}
+	}
 	for (i = 0; i < count; i++) {
-		scheds[i] = bench_sched_new(shape_capacity(shape));
+		scheds[i] = bench_sched_new(shape_capacity(shape), bench_shared_wq);
 		if (!scheds[i]) {
 			bench_scheds_destroy(scheds, count);
 			return NULL;

@@ -48,6 +48,7 @@
 //! | `stopped`     | 10,000  | one queue, stopped while the jobs are submitted: the bare  |
 //! |               |         | cost of creating and submitting a job                      |
 //! | `memory`      | 200,000 | bytes per job in flight                                    |
+//! | `queues-64-shared` | 64,000 | as `queues-64`, the 64 queues on one unbound workqueue |
 //!
 //! Memory is measured, not computed: the first job waits for a gate fence that is signalled only
 //! at the end, so every job stays in flight. The memory is read with 100,000 jobs in flight, once
@@ -68,6 +69,7 @@ use kernel::{
         DmaFence,
         FenceAllocation,
         FenceContext,
+        FenceWorkqueue,
         UniqueFence, //
     },
     drm::jobqueue::{
@@ -143,6 +145,8 @@ enum Shape {
     Chain2,
     FanIn,
     Queues64,
+    /// As `Queues64`, all on one shared unbound workqueue.
+    Queues64Shared,
     Credit1,
     Stopped,
     Memory,
@@ -153,7 +157,7 @@ impl Shape {
         match self {
             Shape::Chain2 => 2,
             Shape::FanIn => 17,
-            Shape::Queues64 => 64,
+            Shape::Queues64 | Shape::Queues64Shared => 64,
             _ => 1,
         }
     }
@@ -175,7 +179,7 @@ impl Shape {
                 16 => (16, 16),
                 k => (k, 0),
             },
-            Shape::Queues64 => (i % 64, 0),
+            Shape::Queues64 | Shape::Queues64Shared => (i % 64, 0),
         }
     }
 
@@ -197,7 +201,7 @@ struct Workload {
 
 /// The workloads, in the order of the bits of the `workloads` parameter. `drm_sched_bench.c` has
 /// the same table.
-const WORKLOADS: [Workload; 10] = [
+const WORKLOADS: [Workload; 11] = [
     Workload {
         name: "independent",
         shape: Shape::Independent,
@@ -247,6 +251,11 @@ const WORKLOADS: [Workload; 10] = [
         name: "memory",
         shape: Shape::Memory,
         jobs: 200_000,
+    },
+    Workload {
+        name: "queues-64-shared",
+        shape: Shape::Queues64Shared,
+        jobs: 64_000,
     },
 ];
 
@@ -499,16 +508,24 @@ impl Backend for BenchBackend {
 
 fn new_queues(shape: Shape) -> Result<KVec<JobQueue<BenchBackend>>> {
     let mut queues = KVec::with_capacity(shape.queues(), GFP_KERNEL)?;
+    let shared = match shape {
+        Shape::Queues64Shared => Some(Arc::new(
+            FenceWorkqueue::new_unbound(c"jq-bench-shared")?,
+            GFP_KERNEL,
+        )?),
+        _ => None,
+    };
     for _ in 0..shape.queues() {
         let backend = BenchBackend {
             ring: MockRing::new(shape.capacity() as usize)?,
         };
-        let options = QueueOptions::new(
+        let mut options = QueueOptions::new(
             c"jobqueue_bench",
             c"jq-bench",
             shape.capacity(),
             Some(TIMEOUT),
         );
+        options.workqueue = shared.clone();
         queues.push(JobQueue::new(backend, options)?, GFP_KERNEL)?;
     }
     Ok(queues)

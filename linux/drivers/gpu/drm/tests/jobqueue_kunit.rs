@@ -337,6 +337,9 @@ struct Stats {
     /// `deadline_base`.
     deadlines: Atomic<u32>,
     last_deadline_ms: Atomic<i64>,
+    /// Runs of jobs with a `run_gate`, and those whose gate did not open in time.
+    gated_runs: Atomic<u32>,
+    gate_timeouts: Atomic<u32>,
 }
 
 impl Stats {
@@ -354,6 +357,8 @@ impl Stats {
                 drop_wait_failed: Atomic::new(0),
                 deadlines: Atomic::new(0),
                 last_deadline_ms: Atomic::new(0),
+                gated_runs: Atomic::new(0),
+                gate_timeouts: Atomic::new(0),
             },
             GFP_KERNEL,
         )?)
@@ -387,6 +392,9 @@ struct MockJob {
     hw: Option<ARef<DmaFence>>,
     /// What `Backend::deadline` measures deadlines from.
     deadline_base: Option<Instant<Monotonic>>,
+    /// `run` waits (sleeping, for at most five seconds) until this is set, with the queue's lock
+    /// held, as a backend might for a firmware doorbell.
+    run_gate: Option<Arc<Atomic<bool>>>,
 }
 
 impl MockJob {
@@ -407,6 +415,7 @@ impl MockJob {
             ring: None,
             hw: None,
             deadline_base: None,
+            run_gate: None,
         })
     }
 }
@@ -457,6 +466,17 @@ impl Backend for MockBackend {
             self.stats.order_violations.add(1, ordering::Relaxed);
         }
         job.runs += 1;
+        if let Some(gate) = &job.run_gate {
+            self.stats.gated_runs.add(1, ordering::Relaxed);
+            let start = Instant::<Monotonic>::now();
+            while !gate.load(ordering::Acquire) {
+                if start.elapsed() > Delta::from_secs(5) {
+                    self.stats.gate_timeouts.add(1, ordering::Relaxed);
+                    break;
+                }
+                fsleep(us(500));
+            }
+        }
         if job.check.iter().any(|f| !f.is_signaled()) {
             self.stats.dependency_violations.add(1, ordering::Relaxed);
         }
@@ -652,6 +672,31 @@ struct Submitter {
 
 impl_has_work! {
     impl HasWork<Self> for Submitter { self.work }
+}
+
+impl Submitter {
+    /// Starts `n` submitters of `jobs` jobs each to the queue of `fixture`, on the system
+    /// workqueue.
+    fn spawn(fixture: &Arc<Fixture>, n: usize, jobs: u32) -> Result<KVec<Arc<Submitter>>> {
+        let mut submitters = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            let fixture = fixture.clone();
+            let s = Arc::pin_init(
+                pin_init!(Submitter {
+                    work <- new_work!("jobqueue_kunit::Submitter"),
+                    fixture,
+                    jobs,
+                    last <- new_spinlock_irq!(None),
+                    errors: Atomic::new(0),
+                    in_order: Atomic::new(true),
+                }),
+                GFP_KERNEL,
+            )?;
+            let _ = workqueue::system_dfl().enqueue(s.clone());
+            submitters.push(s, GFP_KERNEL)?;
+        }
+        Ok(submitters)
+    }
 }
 
 impl WorkItem for Submitter {
@@ -969,23 +1014,7 @@ mod tests {
     #[test]
     fn sixteen_parallel_submitters() -> Result {
         let f = Arc::new(Fixture::new(c"parallel", 8, None)?, GFP_KERNEL)?;
-        let mut submitters = KVec::new();
-        for _ in 0..16 {
-            let fixture = f.clone();
-            let s = Arc::pin_init(
-                pin_init!(Submitter {
-                    work <- new_work!("jobqueue_kunit::Submitter"),
-                    fixture,
-                    jobs: 50,
-                    last <- new_spinlock_irq!(None),
-                    errors: Atomic::new(0),
-                    in_order: Atomic::new(true),
-                }),
-                GFP_KERNEL,
-            )?;
-            let _ = workqueue::system_dfl().enqueue(s.clone());
-            submitters.push(s, GFP_KERNEL)?;
-        }
+        let submitters = Submitter::spawn(&f, 16, 50)?;
         for s in &submitters {
             s.work.flush();
             assert_eq!(Stats::get(&s.errors), 0);
@@ -996,6 +1025,39 @@ mod tests {
         assert_eq!(Stats::get(&f.stats.runs), 16 * 50);
         assert_eq!(Stats::get(&f.stats.order_violations), 0);
         drop(submitters);
+        Ok(())
+    }
+
+    #[test]
+    fn submit_never_waits_for_the_queue() -> Result {
+        let f = Fixture::new(c"no_wait", 4, None)?;
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"no-wait-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
+        let mut first = MockJob::new(&f.stats, us(20))?;
+        first.run_gate = Some(gate.clone());
+        let mut job = f.queue.new_job(1, first)?;
+        job.add_dependency(dep.to_aref())?;
+        let done_first = f.queue.submit(job)?;
+        // The run work hands the first job on when `dep` signals; its `run` then waits for the
+        // gate with the queue's lock held.
+        dep.signal(Ok(()));
+        let mut tries = 0;
+        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        // Returns at once, although the queue is busy in `run`: the run work hands the job on.
+        let done_second = f.submit_simple(us(20))?;
+        gate.store(true, ordering::Release);
+        wait(&done_first)?;
+        wait(&done_second)?;
+        assert_eq!(Stats::get(&f.stats.gate_timeouts), 0);
+        assert_eq!(done_first.status(), Some(Ok(())));
+        assert_eq!(done_second.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
         Ok(())
     }
 
@@ -1678,6 +1740,41 @@ mod tests {
         Ok(())
     }
 
+    /// Submitters racing a timeout that finds the device gone: each submission is refused with
+    /// `ENODEV` or its done fence signals (with `ENODEV` unless it finished before), none is lost
+    /// between the submission list and the queue's end.
+    #[test]
+    fn submit_races_device_gone() -> Result {
+        let f = Arc::new(
+            Fixture::with_action(
+                c"gone-race",
+                4,
+                Some(Delta::from_millis(20)),
+                TimeoutAction::DeviceGone,
+            )?,
+            GFP_KERNEL,
+        )?;
+        let mut hang = f.job(1, us(10))?;
+        hang.payload_mut().behaviour = Behaviour::Hang;
+        let hung = f.queue().submit(hang)?;
+        let submitters = Submitter::spawn(&f, 4, 400)?;
+        wait(&hung)?;
+        assert_eq!(hung.status(), Some(Err(ENODEV)));
+        for s in &submitters {
+            s.work.flush();
+            assert!(s.in_order.load(ordering::Relaxed));
+            let last = s.last.lock().clone();
+            if let Some(last) = last {
+                wait(&last)?;
+                assert!(matches!(last.status(), Some(Ok(()) | Err(ENODEV))));
+            }
+        }
+        // Refused from the end on. The fences of the run are counted: every one signals.
+        let job = f.job(1, us(10))?;
+        assert_eq!(f.queue().submit(job).err().map(|e| e.error), Some(ENODEV));
+        Ok(())
+    }
+
     /// Defect 1: teardown stops the ring through the backend before it finishes the jobs on it,
     /// and waits one timeout for all of them, not one per job.
     #[test]
@@ -2087,167 +2184,17 @@ mod tests {
     }
 }
 
-/// Allocation-failure injection for one task: `current->fail_nth` of `CONFIG_FAULT_INJECTION`.
+/// Every allocation on the paths of the job queue and of dma_fence fails once
+/// ([`kernel::fault_inject::sweep`]): each gives a clean `ENOMEM`, leaves no fence unsignalled and
+/// the queue usable.
 ///
-/// Set to `n`, it makes the `n`-th allocation of the task that failslab or fail_page_alloc may fail
-/// actually fail, whatever their probability (`should_fail_ex()`): each such allocation counts it
-/// down, and it stays at 0 once it has fired. Allocations that may reclaim (`GFP_KERNEL`) count
-/// only once failslab's and fail_page_alloc's `ignore-gfp-wait` are off, which only debugfs can do:
-/// harness/initramfs-init does it after the boot-time suites, then runs the fault-injection suites
-/// again through `/sys/kernel/debug/kunit/<suite>/run`. At boot their cases skip.
-#[cfg(CONFIG_FAULT_INJECTION)]
-mod fault {
-    use kernel::{
-        bindings,
-        ffi::c_char,
-        prelude::*,
-        task::Task, //
-    };
-
-    /// The most allocations one operation may make before a sweep gives up.
-    const MAX_POINTS: u32 = 2000;
-
-    /// Sets `current->fail_nth`.
-    fn set(n: u32) {
-        // SAFETY: `current` is valid while it runs. `fail_nth` is an `unsigned int` that the
-        // task reads and writes with READ_ONCE()/WRITE_ONCE() (`should_fail_ex()`), and procfs
-        // with plain accesses; a volatile access is what those macros do.
-        unsafe { core::ptr::write_volatile(&raw mut (*Task::current_raw()).fail_nth, n) };
-    }
-
-    /// Returns `current->fail_nth`.
-    fn get() -> u32 {
-        // SAFETY: As in `set`.
-        unsafe { core::ptr::read_volatile(&raw const (*Task::current_raw()).fail_nth) }
-    }
-
-    /// Returns whether a `GFP_KERNEL` allocation of this task can be made to fail; if not, marks
-    /// the running KUnit case skipped.
-    pub(crate) fn armed() -> bool {
-        set(1);
-        let probe = KBox::new(0u64, GFP_KERNEL);
-        set(0);
-        if probe.is_err() {
-            return true;
-        }
-        // SAFETY: FFI call without requirements.
-        let test = unsafe { bindings::kunit_get_current_test() };
-        if !test.is_null() {
-            let reason = c"GFP_KERNEL allocations cannot fail: failslab ignore-gfp-wait is on";
-            // SAFETY: `test` is the `struct kunit` of the case this task runs; only this task
-            // writes it while the case runs.
-            unsafe {
-                (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
-                let comment = &mut (*test).status_comment;
-                for (d, s) in comment.iter_mut().zip(reason.to_bytes_with_nul()) {
-                    *d = c_char::from_ne_bytes([*s]);
-                }
-            }
-        }
-        false
-    }
-
-    /// Checks what `fail_nth` does: a `GFP_NOWAIT` allocation fails in any case, a `GFP_KERNEL`
-    /// one only when [`armed`]; a failure uses the counter up.
-    pub(crate) fn semantics() -> Result {
-        set(1);
-        let nowait = KBox::new(0u64, GFP_NOWAIT);
-        let nowait_left = get();
-        set(1);
-        let kernel = KBox::new(0u64, GFP_KERNEL);
-        let kernel_left = get();
-        set(0);
-        match (nowait.is_err(), nowait_left, kernel.is_err(), kernel_left) {
-            (true, 0, true, 0) | (true, 0, false, 1) => Ok(()),
-            _ => Err(EINVAL),
-        }
-    }
-
-    /// Lets every case of `cases` run again when the suite is run again through debugfs: KUnit
-    /// does not run a case again whose status is skipped, and a case that skipped keeps it.
-    ///
-    /// # Safety
-    ///
-    /// `cases` is the case array of the running suite, ended by a zeroed case, and the cases
-    /// whose status this writes are not running.
-    pub(crate) unsafe fn rearm(cases: *mut bindings::kunit_case) {
-        let mut case = cases;
-        // SAFETY: By the safety requirements `case` stays within the array, which ends with a
-        // case without `run_case`, and nothing else accesses the cases' status meanwhile.
-        unsafe {
-            while (*case).run_case.is_some() {
-                (*case).status = bindings::kunit_status_KUNIT_SUCCESS;
-                case = case.add(1);
-            }
-        }
-    }
-
-    /// What [`sweep`] found for one operation.
-    pub(crate) struct Sweep {
-        /// Allocations the operation made: the failure points.
-        pub(crate) points: u32,
-        /// Failure points at which the operation failed with `ENOMEM`.
-        pub(crate) enomem: u32,
-    }
-
-    /// Runs `op` once per allocation it makes, the `n`-th run with its `n`-th allocation
-    /// failing, until a run makes fewer than `n`: that one must succeed.
-    ///
-    /// The allocations the kernel makes around those of `op` (kmemleak's objects, the slab
-    /// allocator's own) vary from run to run, so which of them the `n`-th is varies too: how
-    /// many runs end in `ENOMEM` is not exact, and an allocation of `op` can escape a sweep.
-    ///
-    /// `prepare` runs before each run, `check` after it, with its result; neither has
-    /// allocations failing. A run whose allocation failed must fail with `ENOMEM` or succeed
-    /// (the kernel had a fallback: kmemleak's object pool, a lower slab order); one without
-    /// must succeed. Prints the counts as `fault injection: NAME: ...` for the harness.
-    pub(crate) fn sweep(
-        name: &str,
-        mut prepare: impl FnMut() -> Result,
-        mut op: impl FnMut() -> Result,
-        mut check: impl FnMut(Result) -> Result,
-    ) -> Result<Sweep> {
-        let mut enomem = 0;
-        for n in 1..=MAX_POINTS {
-            prepare()?;
-            set(n);
-            let result = op();
-            let fired = get() == 0;
-            set(0);
-            match result {
-                Err(e) if !fired || e != ENOMEM => {
-                    pr_err!(
-                        "fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n"
-                    );
-                    return Err(e);
-                }
-                Err(_) => enomem += 1,
-                Ok(()) => {}
-            }
-            if let Err(e) = check(result) {
-                pr_err!("fault injection: {name}: point {n}: check failed: {e:?}\n");
-                return Err(e);
-            }
-            if !fired {
-                let points = n - 1;
-                pr_info!(
-                    "fault injection: {name}: {points} failure points, {enomem} ENOMEM, {} absorbed\n",
-                    points - enomem
-                );
-                return Ok(Sweep { points, enomem });
-            }
-        }
-        pr_err!("fault injection: {name}: more than {MAX_POINTS} allocations\n");
-        Err(E2BIG)
-    }
-}
-
-/// Every allocation on the paths of the job queue and of dma_fence fails once (see [`fault`]):
-/// each gives a clean `ENOMEM`, leaves no fence unsignalled and the queue usable.
+/// `GFP_KERNEL` allocations can be made to fail only once failslab's `ignore-gfp-wait` is off,
+/// which only debugfs can do: at boot the cases skip, and harness/initramfs-init runs the suite
+/// again through `/sys/kernel/debug/kunit/<suite>/run` once it has turned it off.
 #[cfg(CONFIG_FAULT_INJECTION)]
 #[kunit_tests(drm_jobqueue_fault_injection)]
 mod fault_tests {
-    use super::{fault::sweep, *};
+    use super::*;
     use core::cell::{
         Cell,
         RefCell, //
@@ -2258,6 +2205,14 @@ mod fault_tests {
             CompleteCompletion,
             FenceCallback,
             ProxyFence, //
+        },
+        fault_inject::{
+            check_fail_nth,
+            kunit::{
+                armed_or_skip,
+                reset_cases, //
+            },
+            sweep, //
         },
         kthread,
         sync::Completion, //
@@ -2295,7 +2250,7 @@ mod fault_tests {
 
     #[test]
     fn fences_and_callbacks() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let ctx = FenceContext::new(c"jobqueue_kunit", c"fault-fences");
@@ -2369,7 +2324,7 @@ mod fault_tests {
 
     #[test]
     fn workqueues_and_workers() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let s = sweep(
@@ -2398,7 +2353,7 @@ mod fault_tests {
 
     #[test]
     fn queue_creation() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         // A queue's teardown kills its ring for good: each run has a ring of its own.
@@ -2460,7 +2415,7 @@ mod fault_tests {
 
     #[test]
     fn job_creation() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let f = Fixture::new(c"fault-jobs", 8, None)?;
@@ -2498,7 +2453,7 @@ mod fault_tests {
 
     #[test]
     fn dependencies() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let f = Fixture::new(c"fault-deps", 8, None)?;
@@ -2572,7 +2527,7 @@ mod fault_tests {
     /// Submission does not allocate, as documented: no failure point at all.
     #[test]
     fn submit_does_not_allocate() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let f = Fixture::new(c"fault-submit", 8, None)?;
@@ -2616,9 +2571,10 @@ mod fault_tests {
     /// at boot run when harness/initramfs-init runs the suite again.
     #[test]
     fn fail_nth_semantics() -> Result {
-        // SAFETY: `TEST_CASES` is this suite's case array, ended by a zeroed case; KUnit runs
-        // its cases one after the other, this one last.
-        unsafe { fault::rearm((&raw mut TEST_CASES).cast()) };
-        fault::semantics()
+        // SAFETY: `TEST_CASES` is the case array of this suite, a static: valid for reads and
+        // writes. KUnit runs the suite's cases one after the other and waits meanwhile, so
+        // nothing else accesses them.
+        unsafe { reset_cases(&raw mut TEST_CASES) };
+        check_fail_nth()
     }
 }

@@ -1081,169 +1081,26 @@ mod tests {
     }
 }
 
-/// Allocation-failure injection for one task: `current->fail_nth` of `CONFIG_FAULT_INJECTION`.
+/// Every allocation of Tyr's job and group creation and of GROUP_SUBMIT fails once
+/// ([`kernel::fault_inject::sweep`]): each gives a clean `ENOMEM`, submits nothing, leaks no VM
+/// reference and leaves the group usable.
 ///
-/// The same as in `drivers/gpu/drm/tests/jobqueue_kunit.rs`, for Tyr's paths.
-///
-/// Set to `n`, it makes the `n`-th allocation of the task that failslab or fail_page_alloc may fail
-/// actually fail, whatever their probability (`should_fail_ex()`): each such allocation counts it
-/// down, and it stays at 0 once it has fired. Allocations that may reclaim (`GFP_KERNEL`) count
-/// only once failslab's and fail_page_alloc's `ignore-gfp-wait` are off, which only debugfs can do:
-/// harness/initramfs-init does it after the boot-time suites, then runs the fault-injection suites
-/// again through `/sys/kernel/debug/kunit/<suite>/run`. At boot their cases skip.
-#[cfg(CONFIG_FAULT_INJECTION)]
-mod fault {
-    use kernel::{
-        bindings,
-        ffi::c_char,
-        prelude::*,
-        task::Task, //
-    };
-
-    /// The most allocations one operation may make before a sweep gives up.
-    const MAX_POINTS: u32 = 2000;
-
-    /// Sets `current->fail_nth`.
-    fn set(n: u32) {
-        // SAFETY: `current` is valid while it runs. `fail_nth` is an `unsigned int` that the
-        // task reads and writes with READ_ONCE()/WRITE_ONCE() (`should_fail_ex()`), and procfs
-        // with plain accesses; a volatile access is what those macros do.
-        unsafe { core::ptr::write_volatile(&raw mut (*Task::current_raw()).fail_nth, n) };
-    }
-
-    /// Returns `current->fail_nth`.
-    fn get() -> u32 {
-        // SAFETY: As in `set`.
-        unsafe { core::ptr::read_volatile(&raw const (*Task::current_raw()).fail_nth) }
-    }
-
-    /// Returns whether a `GFP_KERNEL` allocation of this task can be made to fail; if not, marks
-    /// the running KUnit case skipped.
-    pub(crate) fn armed() -> bool {
-        set(1);
-        let probe = KBox::new(0u64, GFP_KERNEL);
-        set(0);
-        if probe.is_err() {
-            return true;
-        }
-        // SAFETY: FFI call without requirements.
-        let test = unsafe { bindings::kunit_get_current_test() };
-        if !test.is_null() {
-            let reason = c"GFP_KERNEL allocations cannot fail: failslab ignore-gfp-wait is on";
-            // SAFETY: `test` is the `struct kunit` of the case this task runs; only this task
-            // writes it while the case runs.
-            unsafe {
-                (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
-                let comment = &mut (*test).status_comment;
-                for (d, s) in comment.iter_mut().zip(reason.to_bytes_with_nul()) {
-                    *d = c_char::from_ne_bytes([*s]);
-                }
-            }
-        }
-        false
-    }
-
-    /// Checks what `fail_nth` does: a `GFP_NOWAIT` allocation fails in any case, a `GFP_KERNEL`
-    /// one only when [`armed`]; a failure uses the counter up.
-    pub(crate) fn semantics() -> Result {
-        set(1);
-        let nowait = KBox::new(0u64, GFP_NOWAIT);
-        let nowait_left = get();
-        set(1);
-        let kernel = KBox::new(0u64, GFP_KERNEL);
-        let kernel_left = get();
-        set(0);
-        match (nowait.is_err(), nowait_left, kernel.is_err(), kernel_left) {
-            (true, 0, true, 0) | (true, 0, false, 1) => Ok(()),
-            _ => Err(EINVAL),
-        }
-    }
-
-    /// Lets every case of `cases` run again when the suite is run again through debugfs: KUnit
-    /// does not run a case again whose status is skipped, and a case that skipped keeps it.
-    ///
-    /// # Safety
-    ///
-    /// `cases` is the case array of the running suite, ended by a zeroed case, and the cases
-    /// whose status this writes are not running.
-    pub(crate) unsafe fn rearm(cases: *mut bindings::kunit_case) {
-        let mut case = cases;
-        // SAFETY: By the safety requirements `case` stays within the array, which ends with a
-        // case without `run_case`, and nothing else accesses the cases' status meanwhile.
-        unsafe {
-            while (*case).run_case.is_some() {
-                (*case).status = bindings::kunit_status_KUNIT_SUCCESS;
-                case = case.add(1);
-            }
-        }
-    }
-
-    /// What [`sweep`] found for one operation.
-    pub(crate) struct Sweep {
-        /// Failure points at which the operation failed with `ENOMEM`.
-        pub(crate) enomem: u32,
-    }
-
-    /// Runs `op` once per allocation it makes, the `n`-th run with its `n`-th allocation
-    /// failing, until a run makes fewer than `n`: that one must succeed.
-    ///
-    /// The allocations the kernel makes around those of `op` (kmemleak's objects, the slab
-    /// allocator's own) vary from run to run, so which of them the `n`-th is varies too: how
-    /// many runs end in `ENOMEM` is not exact, and an allocation of `op` can escape a sweep.
-    ///
-    /// `prepare` runs before each run, `check` after it, with its result; neither has
-    /// allocations failing. A run whose allocation failed must fail with `ENOMEM` or succeed
-    /// (the kernel had a fallback: kmemleak's object pool, a lower slab order); one without
-    /// must succeed. Prints the counts as `fault injection: NAME: ...` for the harness.
-    pub(crate) fn sweep(
-        name: &str,
-        mut prepare: impl FnMut() -> Result,
-        mut op: impl FnMut() -> Result,
-        mut check: impl FnMut(Result) -> Result,
-    ) -> Result<Sweep> {
-        let mut enomem = 0;
-        for n in 1..=MAX_POINTS {
-            prepare()?;
-            set(n);
-            let result = op();
-            let fired = get() == 0;
-            set(0);
-            match result {
-                Err(e) if !fired || e != ENOMEM => {
-                    pr_err!(
-                        "fault injection: {name}: point {n}: {e:?} (failure injected: {fired})\n"
-                    );
-                    return Err(e);
-                }
-                Err(_) => enomem += 1,
-                Ok(()) => {}
-            }
-            if let Err(e) = check(result) {
-                pr_err!("fault injection: {name}: point {n}: check failed: {e:?}\n");
-                return Err(e);
-            }
-            if !fired {
-                let points = n - 1;
-                pr_info!(
-                    "fault injection: {name}: {points} failure points, {enomem} ENOMEM, {} absorbed\n",
-                    points - enomem
-                );
-                return Ok(Sweep { enomem });
-            }
-        }
-        pr_err!("fault injection: {name}: more than {MAX_POINTS} allocations\n");
-        Err(E2BIG)
-    }
-}
-
-/// Every allocation of Tyr's job and group creation and of GROUP_SUBMIT fails once (see
-/// [`fault`]): each gives a clean `ENOMEM`, submits nothing, leaks no VM reference and leaves the
-/// group usable.
+/// `GFP_KERNEL` allocations can be made to fail only once failslab's `ignore-gfp-wait` is off,
+/// which only debugfs can do: at boot the cases skip, and harness/initramfs-init runs the suite
+/// again through `/sys/kernel/debug/kunit/<suite>/run` once it has turned it off.
 #[cfg(CONFIG_FAULT_INJECTION)]
 #[kunit_tests(tyr_fault_injection)]
 mod fault_tests {
-    use super::{fault::sweep, *};
+    use super::*;
     use core::cell::RefCell;
+    use kernel::fault_inject::{
+        check_fail_nth,
+        kunit::{
+            armed_or_skip,
+            reset_cases, //
+        },
+        sweep, //
+    };
 
     fn nothing() -> Result {
         Ok(())
@@ -1270,7 +1127,7 @@ mod fault_tests {
 
     #[test]
     fn group_creation() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let vm = VmRef::new()?;
@@ -1321,7 +1178,7 @@ mod fault_tests {
 
     #[test]
     fn job_creation() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let f = Fixture::new(1, JOB_TIMEOUT)?;
@@ -1362,7 +1219,7 @@ mod fault_tests {
 
     #[test]
     fn group_submit() -> Result {
-        if !fault::armed() {
+        if !armed_or_skip() {
             return Ok(());
         }
         let f = Fixture::new(2, JOB_TIMEOUT)?;
@@ -1439,9 +1296,10 @@ mod fault_tests {
     /// at boot run when harness/initramfs-init runs the suite again.
     #[test]
     fn fail_nth_semantics() -> Result {
-        // SAFETY: `TEST_CASES` is this suite's case array, ended by a zeroed case; KUnit runs
-        // its cases one after the other, this one last.
-        unsafe { fault::rearm((&raw mut TEST_CASES).cast()) };
-        fault::semantics()
+        // SAFETY: `TEST_CASES` is the case array of this suite, a static: valid for reads and
+        // writes. KUnit runs the suite's cases one after the other and waits meanwhile, so
+        // nothing else accesses them.
+        unsafe { reset_cases(&raw mut TEST_CASES) };
+        check_fail_nth()
     }
 }

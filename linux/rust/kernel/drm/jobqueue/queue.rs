@@ -4,11 +4,17 @@
 //!
 //! # Locking
 //!
-//! All state is in [`Proc`], behind the queue's mutex. The work items, [`JobQueue::submit`],
-//! [`JobQueue::stop`] and teardown take it; the backend's `run` and `timed_out` are called with it
-//! held. Fence callbacks never take it: they only enqueue work ([`EnqueueWork`]) or signal a done
-//! fence ([`ProxyFence`]). So the lock order is: queue mutex, then fence locks, then the
-//! workqueue's locks, and no fence is ever waited for with the mutex held.
+//! All state is in [`Proc`], behind the queue's mutex. The work items, [`JobQueue::stop`] and
+//! teardown take it, always through [`Inner::lock`]; the backend's `run` and `timed_out` are
+//! called with it held. [`JobQueue::submit`] never waits for it: it adds the job to
+//! [`Submitted`], behind a spinlock that covers only the job's own set-up (its done fence, the
+//! check of its dependencies), and then only *tries* the mutex to hand the job on itself; if
+//! another thread holds the mutex, the run work does it.
+//! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
+//! holder sees every submitted job. Fence callbacks take neither lock: they only enqueue work
+//! ([`EnqueueWork`]) or signal a done fence ([`ProxyFence`]). So the lock order is: queue mutex,
+//! then the submission spinlock, then fence locks, then the workqueue's locks, and no fence is
+//! ever waited for with the mutex held.
 
 use super::{
     job::{
@@ -45,7 +51,9 @@ use crate::{
         static_lock_class,
         Arc,
         LockClassKey,
-        Mutex, //
+        Mutex,
+        MutexGuard,
+        SpinLock, //
     },
     time::{
         Delta,
@@ -94,6 +102,9 @@ fn deadline_work_class() -> Pin<&'static LockClassKey> {
 fn domain_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn submit_lock_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 static PROC_LOCK_NAME: &CStr = c"drm_jobqueue:proc";
 static RUN_WORK_NAME: &CStr = c"drm_jobqueue:run_work";
 static RETIRE_WORK_NAME: &CStr = c"drm_jobqueue:retire_work";
@@ -102,9 +113,11 @@ static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 static FAULT_WORK_NAME: &CStr = c"drm_jobqueue:fault_work";
 static DEADLINE_WORK_NAME: &CStr = c"drm_jobqueue:deadline_work";
 static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
+static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 
 /// How many jobs the run work hands on before it lets go of the lock and queues itself again:
-/// `submit` waits for the lock, and [`Backend::run`] can be slow or preempted.
+/// the timeout, stop and teardown paths wait for the lock, and [`Backend::run`] can be slow or
+/// preempted.
 const RUN_BATCH: u32 = 16;
 
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
@@ -212,6 +225,19 @@ pub(super) struct Proc<T: Backend> {
     retire_busy: bool,
 }
 
+/// The jobs submitted since the queue's mutex was last taken, behind the submission spinlock.
+///
+/// # Invariants
+///
+/// `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
+/// once it is: the jobs of a dead queue all end with it.
+pub(super) struct Submitted<T: Backend> {
+    /// Added to in sequence number order: the done fence's sequence number is taken with the
+    /// spinlock held.
+    jobs: JobTree<T>,
+    closed: bool,
+}
+
 /// The shared part of a [`JobQueue`].
 #[pin_data]
 pub(super) struct Inner<T: Backend> {
@@ -230,6 +256,8 @@ pub(super) struct Inner<T: Backend> {
     domain: Option<Arc<ResetDomain<T>>>,
     #[pin]
     proc: Mutex<Proc<T>>,
+    #[pin]
+    submitted: SpinLock<Submitted<T>>,
     #[pin]
     run_work: Work<Inner<T>, RUN>,
     #[pin]
@@ -581,6 +609,54 @@ impl<T: Backend> JobNode<T> {
 }
 
 impl<T: Backend> Inner<T> {
+    /// Takes the queue's mutex, with every job submitted so far in [`Proc`].
+    fn lock(&self) -> MutexGuard<'_, Proc<T>> {
+        let mut proc = self.proc.lock();
+        self.take_submitted(&mut proc, false);
+        proc
+    }
+
+    /// Moves the submitted jobs into `proc`, whose mutex is held; with `close`, for a queue that
+    /// is dead, and refuses further submissions.
+    fn take_submitted(&self, proc: &mut Proc<T>, close: bool) {
+        let mut submitted = {
+            let mut submitted = self.submitted.lock();
+            // INVARIANT: the caller holds the mutex and sets `Proc::dead` with `close`.
+            submitted.closed |= close;
+            if submitted.jobs.is_empty() {
+                return;
+            }
+            core::mem::take(&mut submitted.jobs)
+        };
+        while let Some(cursor) = submitted.cursor_front_mut() {
+            let (_, node) = cursor.current();
+            proc.waiting += 1;
+            let deps = match &node.state {
+                JobState::Waiting { deps } => deps.len(),
+                _ => 0,
+            };
+            trace::job_queue(
+                self.name,
+                node.done.fence(),
+                node.credits,
+                deps,
+                proc.waiting,
+                proc.credits_in_use,
+            );
+            let (_, tree_node) = cursor.remove_current();
+            let replaced = proc.jobs.insert(tree_node);
+            // Sequence numbers are unique.
+            debug_assert!(replaced.is_none());
+        }
+    }
+
+    /// Marks the queue dead, with its mutex held: no job is submitted from now on, and the jobs
+    /// submitted so far are in `proc`, for the caller to end.
+    fn close(&self, proc: &mut Proc<T>) {
+        proc.dead = true;
+        self.take_submitted(proc, true);
+    }
+
     fn kick_run(self: &Arc<Self>) {
         let _ = self.wq.enqueue::<Arc<Self>, RUN>(self.clone());
     }
@@ -610,7 +686,31 @@ impl<T: Backend> Inner<T> {
     /// their done fences, in order.
     fn run_jobs(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
-        let mut guard = self.proc.lock();
+        self.run_locked(self.lock());
+    }
+
+    /// Hands the job just submitted, `seqno`, to the hardware if it is next in line and no other
+    /// thread holds the mutex; otherwise leaves it to the run work, so that the submitter never
+    /// waits for the retire work or for another submitter.
+    fn run_submitted(self: &Arc<Self>, seqno: u64) {
+        let _section = SignallingSection::begin();
+        let Some(mut guard) = self.proc.try_lock() else {
+            // The holder may be past its last look at `submitted`.
+            self.kick_run();
+            return;
+        };
+        self.take_submitted(&mut guard, false);
+        // Only a job that is next to run needs handing on now. Otherwise a job before it has not
+        // run yet, and what holds that job back (its own submitter, which did the same as here,
+        // a dependency, credits, a stop, the run work that yielded after a batch) kicks the run
+        // work when it clears; the run work then gets to this job as well.
+        if guard.next_run == seqno {
+            self.run_locked(guard);
+        }
+    }
+
+    /// [`Self::run_jobs`] with the mutex held.
+    fn run_locked(self: &Arc<Self>, mut guard: MutexGuard<'_, Proc<T>>) {
         let proc = &mut *guard;
         if proc.stopped > 0 || proc.dead || proc.dying {
             return;
@@ -638,7 +738,7 @@ impl<T: Backend> Inner<T> {
         let retire = (started || finished) && !core::mem::replace(&mut proc.retire_busy, true);
         drop(guard);
         if more {
-            // Let submitters have the lock, then go on.
+            // Let the other paths have the lock, then go on.
             self.kick_run();
         }
 
@@ -797,7 +897,9 @@ impl<T: Backend> Inner<T> {
                 [const { None }; RETIRE_BATCH];
             let mut taken = 0;
             {
-                let mut guard = self.proc.lock();
+                // For the run below: `Backend::run` is called in a signalling section.
+                let _section = SignallingSection::begin();
+                let mut guard = self.lock();
                 let proc = &mut *guard;
                 while taken < RETIRE_BATCH {
                     let Some(mut cursor) = proc.jobs.cursor_front_mut() else {
@@ -843,12 +945,12 @@ impl<T: Backend> Inner<T> {
                     batch[taken] = Some(node);
                     taken += 1;
                 }
-            }
-            if taken > 0 {
-                // The credits are back: hand the next jobs to the hardware before the payloads
-                // go, whatever their `Drop` does (it runs on the queue's workqueue, which the run
-                // work may share).
-                self.run_jobs();
+                if taken > 0 {
+                    // The credits are back: hand the next jobs to the hardware, in the same hold
+                    // of the lock, before the payloads go, whatever their `Drop` does (it runs on
+                    // the queue's workqueue, which the run work may share).
+                    self.run_locked(guard);
+                }
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                 self.drop_job(node);
@@ -878,7 +980,7 @@ impl<T: Backend> Inner<T> {
     /// run.
     fn tell_deadlines(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
-        let mut proc = self.proc.lock();
+        let mut proc = self.lock();
         // A stopped queue's jobs are detached, in the middle of a reset: the resume wakes us.
         if proc.stopped > 0 || proc.dead || proc.dying {
             return;
@@ -890,7 +992,7 @@ impl<T: Backend> Inner<T> {
 
     /// Returns the hardware fence of the first job on the hardware that has not signalled.
     fn first_on_hardware(&self) -> Option<ARef<DmaFence>> {
-        let proc = self.proc.lock();
+        let proc = self.lock();
         proc.jobs.iter().find_map(|(_, node)| match &node.state {
             JobState::Running { hw, .. } if hw.status().is_none() => Some(hw.clone()),
             _ => None,
@@ -937,7 +1039,7 @@ impl<T: Backend> Inner<T> {
             .domain
             .as_ref()
             .map(|domain| (domain, domain.members.lock()));
-        let mut guard = self.proc.lock();
+        let mut guard = self.lock();
         let proc = &mut *guard;
         let fault = self.fault.xchg(false, ordering::Relaxed);
         if proc.stopped > 0 || proc.dead || proc.dying {
@@ -991,7 +1093,7 @@ impl<T: Backend> Inner<T> {
                 return;
             }
             TimeoutAction::DeviceGone => {
-                proc.dead = true;
+                self.close(proc);
                 proc.finish_all(ENODEV);
             }
         }
@@ -1007,7 +1109,7 @@ impl<T: Backend> Inner<T> {
 
     /// Stops the queue, as [`JobQueue::stop`] does.
     fn stop(&self) {
-        self.proc.lock().stop();
+        self.lock().stop();
         trace::queue_stop(self.name, self.fence_ctx.context());
     }
 
@@ -1016,7 +1118,7 @@ impl<T: Backend> Inner<T> {
     fn resume(self: &Arc<Self>, recovery: Recovery, guilty: Option<u64>) {
         {
             let _section = SignallingSection::begin();
-            let mut proc = self.proc.lock();
+            let mut proc = self.lock();
             proc.recover(recovery, guilty);
             proc.stopped -= 1;
             proc.unpause_timeout();
@@ -1141,6 +1243,10 @@ impl<T: Backend> JobQueue<T> {
                     retire_cb: None,
                     retire_busy: false,
                 }, PROC_LOCK_NAME, proc_lock_class()),
+                submitted <- SpinLock::new(Submitted {
+                    jobs: RBTree::new(),
+                    closed: false,
+                }, SUBMIT_LOCK_NAME, submit_lock_class()),
                 run_work <- Work::new(RUN_WORK_NAME, run_work_class()),
                 retire_work <- Work::new(RETIRE_WORK_NAME, retire_work_class()),
                 timeout_work <- DelayedWork::new(
@@ -1168,7 +1274,7 @@ impl<T: Backend> JobQueue<T> {
             GFP_KERNEL,
         )?;
         {
-            let mut proc = inner.proc.lock();
+            let mut proc = inner.lock();
             proc.dep_cb = Some(dep_cb);
             proc.release_cb = Some(release_cb);
             proc.retire_cb = Some(retire_cb);
@@ -1190,15 +1296,17 @@ impl<T: Backend> JobQueue<T> {
     /// Fails only before anything happened, handing the job back: with `EINVAL` if the job was
     /// created by another queue, with `ENODEV` if the device is gone. Past that point it cannot
     /// fail and does not allocate; the done fence signals exactly once. Jobs queue up while the
-    /// queue is stopped. A job that is next in line and ready is handed to [`Backend::run`] from
-    /// here, so call this without locks that [`Backend::run`] takes.
+    /// queue is stopped. Never waits for the queue's other paths: a job that is next in line and
+    /// ready is handed to [`Backend::run`] from here if no other thread is in the queue at that
+    /// moment, and by the run work otherwise, so call this without locks that [`Backend::run`]
+    /// takes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
         if !Arc::ptr_eq(&job.queue, &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
         }
-        let mut guard = self.inner.proc.lock();
-        if guard.dead {
-            drop(guard);
+        let mut submitted = self.inner.submitted.lock();
+        if submitted.closed {
+            drop(submitted);
             return Err(SubmitError { error: ENODEV, job });
         }
         let Job {
@@ -1214,10 +1322,10 @@ impl<T: Backend> JobQueue<T> {
         let own = self.inner.fence_ctx.context();
         let pipeline_own = self.inner.pipeline_own;
         deps.retain(|d| d.status() != Some(Ok(())) && !(pipeline_own && d.context() == own));
+        // The sequence number is taken with the spinlock held: `Submitted::jobs` fills in order.
         let done = self.inner.fence_ctx.init_fence(fence);
         let seqno = done.seqno();
         let done_ref = done.to_aref();
-        let deps_count = deps.len();
         for dep in deps.iter() {
             trace::job_add_dep(&done_ref, dep);
         }
@@ -1234,26 +1342,9 @@ impl<T: Backend> JobQueue<T> {
             ),
         });
         let Ok(node) = KBox::write_pin_init(node, init);
-        guard.jobs.insert(reservation.into_node(seqno, node));
-        guard.waiting += 1;
-        trace::job_queue(
-            self.inner.name,
-            &done_ref,
-            credits,
-            deps_count,
-            guard.waiting,
-            guard.credits_in_use,
-        );
-        // Only a job that is next to run needs handing on now. Otherwise a job before it has not
-        // run yet, and the run work is queued already (it yielded after a batch) or what holds
-        // that job back (a dependency, credits, a stop) kicks the run work when it clears; the
-        // run work then gets to this job as well. The next job is handed on from here, as the
-        // run work would: one trip through the workqueue less per job when the queue keeps up.
-        let next = guard.next_run == seqno;
-        drop(guard);
-        if next {
-            self.inner.run_jobs();
-        }
+        submitted.jobs.insert(reservation.into_node(seqno, node));
+        drop(submitted);
+        self.inner.run_submitted(seqno);
         Ok(done_ref)
     }
 
@@ -1308,7 +1399,7 @@ impl<T: Backend> JobQueue<T> {
     /// #     reset_asked: reset_asked.clone(),
     /// # };
     /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
-    /// // Next in line: `submit` hands it to `Backend::run` at once.
+    /// // Next in line, with nothing else in the queue: `submit` hands it to `Backend::run`.
     /// let done = queue.submit(queue.new_job(1, ())?)?;
     ///
     /// let stopped = queue.stop();
@@ -1383,7 +1474,7 @@ impl<T: Backend> JobQueue<T> {
     /// #     reset_asked: reset_asked.clone(),
     /// # };
     /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
-    /// // Next in line: `submit` hands it to `Backend::run` at once.
+    /// // Next in line, with nothing else in the queue: `submit` hands it to `Backend::run`.
     /// let done = queue.submit(queue.new_job(1, ())?)?;
     ///
     /// // The oldest job on the ring times out now, from the queue's work.
@@ -1401,7 +1492,7 @@ impl<T: Backend> JobQueue<T> {
     /// # Ok::<(), Error>(())
     /// ```
     pub fn reset_done(&self, recovery: Recovery) -> Result {
-        let guilty = self.inner.proc.lock().reset_guilty.take().ok_or(EINVAL)?;
+        let guilty = self.inner.lock().reset_guilty.take().ok_or(EINVAL)?;
         match &self.inner.domain {
             Some(domain) => domain.resume_all(&self.inner, recovery, guilty),
             None => self.inner.resume(recovery, Some(guilty)),
@@ -1413,12 +1504,12 @@ impl<T: Backend> JobQueue<T> {
     /// slot (drm_sched's `drm_sched_suspend_timeout()`): until [`JobQueue::resume_timeout`], no
     /// timeout fires and the time does not count towards any job's timeout. Suspensions nest.
     pub fn suspend_timeout(&self) {
-        self.inner.proc.lock().pause_timeout();
+        self.inner.lock().pause_timeout();
     }
 
     /// Ends a [`JobQueue::suspend_timeout`] (drm_sched's `drm_sched_resume_timeout()`).
     pub fn resume_timeout(&self) {
-        let runs = self.inner.proc.lock().unpause_timeout();
+        let runs = self.inner.lock().unpause_timeout();
         if let (true, Some(timeout)) = (runs, self.inner.timeout) {
             self.inner.arm_timeout(timeout);
         }
@@ -1438,7 +1529,7 @@ impl<T: Backend> JobQueue<T> {
 
     /// Returns the queue's counters.
     pub fn stats(&self) -> QueueStats {
-        let proc = self.inner.proc.lock();
+        let proc = self.inner.lock();
         QueueStats {
             waiting: proc.waiting,
             running: proc.running,
@@ -1463,7 +1554,7 @@ impl<T: Backend> Drop for JobQueue<T> {
         // No more work: the run and timeout work return early from now on, and no dependency
         // wakes them.
         let (dep_cb, release_cb) = {
-            let mut proc = inner.proc.lock();
+            let mut proc = inner.lock();
             proc.dying = true;
             (proc.dep_cb.take(), proc.release_cb.take())
         };
@@ -1493,16 +1584,16 @@ impl<T: Backend> Drop for JobQueue<T> {
         inner.backend.stop_hardware();
         {
             let _section = SignallingSection::begin();
-            inner.proc.lock().finish_all(ECANCELED);
+            inner.lock().finish_all(ECANCELED);
         }
 
         // Retire everything, then stop the retire work for good.
-        let retire_cb = inner.proc.lock().retire_cb.take();
+        let retire_cb = inner.lock().retire_cb.take();
         drop(retire_cb);
         inner.retire_work.flush();
         loop {
             let node = {
-                let mut proc = inner.proc.lock();
+                let mut proc = inner.lock();
                 let Some(cursor) = proc.jobs.cursor_front_mut() else {
                     break;
                 };
@@ -1674,7 +1765,7 @@ impl<T: Backend> ResetDomain<T> {
                 Ok(()) => {
                     if let Some(added) = members.list.last() {
                         if members.gone {
-                            added.proc.lock().dead = true;
+                            added.close(&mut added.lock());
                         } else if members.stopped {
                             added.stop();
                         }
@@ -1709,7 +1800,7 @@ impl<T: Backend> ResetDomain<T> {
                 .iter()
                 .position(|m| Arc::ptr_eq(m, member))
                 .and_then(|i| members.list.remove(i).ok());
-            let pending = member.proc.lock().reset_guilty.take();
+            let pending = member.lock().reset_guilty.take();
             (found, pending)
         };
         if let Some(seqno) = pending {
@@ -1734,7 +1825,7 @@ impl<T: Backend> ResetDomain<T> {
             }
         }
         let action = {
-            let mut guard = guilty.proc.lock();
+            let mut guard = guilty.lock();
             let proc = &mut *guard;
             let dying = proc.dead || proc.dying;
             match proc.jobs.get_mut(&seqno) {
@@ -1774,8 +1865,8 @@ impl<T: Backend> ResetDomain<T> {
             TimeoutAction::DeviceGone => {
                 members.gone = true;
                 for member in members.list.iter() {
-                    let mut proc = member.proc.lock();
-                    proc.dead = true;
+                    let mut proc = member.lock();
+                    member.close(&mut proc);
                     proc.finish_all(ENODEV);
                 }
                 Self::resume_members(&members.list, guilty, Recovery::Continue, None);
