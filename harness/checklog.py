@@ -130,6 +130,11 @@ def main():
                 print('checklog: ignored: the known UML boot-time lockdep report (lockdep is off for '
                       'the rest of the run: UML cannot prove locking)')
             continue
+        # A case that failed in a run kunit.py did not parse (the suites run
+        # again from the post-test init, for KCSAN or fault injection).
+        m = RESULT.match(text)
+        if m and m.group(1) == 'not ok' and '# SKIP' not in m.group(3):
+            problems.append(f'failed case: line {i + 1}: {m.group(2)}')
         if any(b.search(text) for b in BENIGN):
             continue
         for pat, what in BAD:
