@@ -74,10 +74,6 @@ FIELDS = {
 }
 RAW_LINE = re.compile(r'\s\d+\.\d+:\s+drm_jobqueue_(\w+):\s+(.*)$')
 RAW_FIELD = re.compile(r'(\w+)=(\S+)')
-# The events of the demo (samples/rust/rust_jobqueue_demo.rs), which perf
-# records: its backend resets the hung ring in its timeout handler, so it
-# stops no queue.
-DEMO_EVENTS = ('job_queue', 'job_add_dep', 'job_run', 'job_done', 'job_cancel', 'job_timeout')
 # Drivers of fences that a check leaks on purpose (harness/modules).
 LEAKED_ON_PURPOSE = {'fence_leak', 'callback_leak'}
 

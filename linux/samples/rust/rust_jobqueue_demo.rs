@@ -10,8 +10,11 @@
 //!
 //! - the compute job of frame 2 fails on the hardware with `-EIO`: its render and readback do
 //!   not run, and their done fences carry the error;
-//! - the render job of frame 3 hangs the gfx ring: after the queue's timeout the backend resets
-//!   the ring, the job's done fence gets `-ETIMEDOUT`, and the job behind it is resubmitted.
+//! - the render job of frame 3 hangs the gfx ring: after the queue's timeout the backend asks
+//!   for a reset ([`TimeoutAction::ResetLater`]) and the queue stops; the demo's reset (in the
+//!   module's init, standing in for a driver's reset work) resets the ring and resumes the
+//!   queue with [`JobQueue::reset_done`]. The job's done fence gets `-ETIMEDOUT`, and the job
+//!   behind it is resubmitted.
 //!
 //! Boot with `trace_event=drm_jobqueue:* tp_printk` to see the queue's trace events as the jobs
 //! move; the demo ends with a summary of every job.
@@ -41,6 +44,7 @@ use kernel::{
         },
         Arc,
         ArcBorrow,
+        Completion,
         SpinLockIrq, //
     },
     time::{
@@ -219,6 +223,8 @@ struct Step {
 /// The driver side of a ring's job queue.
 struct RingBackend {
     ring: Arc<Ring>,
+    /// Completed when a job timed out and the ring waits for its reset.
+    reset_asked: Arc<Completion>,
 }
 
 impl Backend for RingBackend {
@@ -238,14 +244,14 @@ impl Backend for RingBackend {
 
     fn timed_out(&self, job: JobRef<'_, Self>) -> TimeoutAction {
         pr_info!(
-            "demo: {}#{} timed out on the {} ring: resetting the ring\n",
+            "demo: {}#{} timed out on the {} ring: asking for a reset\n",
             job.name,
             job.frame,
             self.ring.name.to_str().unwrap_or("?")
         );
-        self.ring.reset();
-        // The hung job is cancelled; the jobs behind it on the ring are run again.
-        TimeoutAction::Reset(Recovery::Resubmit)
+        // The queue stops until the reset is done (`run_demo`).
+        self.reset_asked.complete_all();
+        TimeoutAction::ResetLater
     }
 
     fn stop_hardware(&self) {
@@ -287,13 +293,15 @@ fn run_demo() -> Result {
     let start = Instant::<Monotonic>::now();
     let mut rings = KVec::new();
     let mut queues = KVec::new();
+    let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
     for name in RINGS {
         let ring = Ring::new(name, 4)?;
         let options = QueueOptions::new(c"rust_jobqueue_demo", name, 4, Some(ms(100)));
-        queues.push(
-            JobQueue::new(RingBackend { ring: ring.clone() }, options)?,
-            GFP_KERNEL,
-        )?;
+        let backend = RingBackend {
+            ring: ring.clone(),
+            reset_asked: reset_asked.clone(),
+        };
+        queues.push(JobQueue::new(backend, options)?, GFP_KERNEL)?;
         rings.push(ring, GFP_KERNEL)?;
     }
     pr_info!("demo: three rings (copy, compute, gfx), 4 credits each, job timeout 100 ms\n");
@@ -365,6 +373,14 @@ fn run_demo() -> Result {
     // Frame by frame for the summary.
     records.sort_unstable_by_key(|r| (r.frame, r.step));
 
+    // The driver's reset work: the hung render job times out after 100 ms and its queue stops.
+    // Once the ring is off the hardware, the queue resubmits the jobs that were behind the hung
+    // one.
+    reset_asked.wait_for_completion();
+    pr_info!("demo: resetting the gfx ring\n");
+    rings[GFX].reset();
+    queues[GFX].reset_done(Recovery::Resubmit)?;
+
     for record in &records {
         record.done.wait_timeout(Delta::from_secs(30))?;
     }
@@ -415,9 +431,10 @@ fn run_demo() -> Result {
         resets
     );
     for queue in &queues {
+        // A job whose done fence signalled counts as running until the retire work took it.
         let stats = queue.stats();
         pr_info!(
-            "demo: queue {} idle: waiting {}, running {}, credits in use {}\n",
+            "demo: queue {} at the end: waiting {}, running {}, credits in use {}\n",
             queue.context(),
             stats.waiting,
             stats.running,
