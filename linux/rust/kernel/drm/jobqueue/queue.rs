@@ -144,12 +144,14 @@ pub(super) enum JobState {
     /// still have to wait for. With an outcome, the job ended without the hardware and waits for
     /// its release.
     Waiting { deps: KVec<ARef<DmaFence>> },
-    /// Handed to the hardware. `attached` while the done fence follows `hw`: from the release
-    /// until a stop, a timeout or teardown detaches it.
+    /// Handed to the hardware, holding its credits. `attached` while the done fence follows
+    /// `hw`: from the release until a stop, a timeout or teardown detaches it.
     Running {
         hw: ARef<DmaFence>,
         started: Instant<Monotonic>,
         attached: bool,
+        /// The deadline last given to [`Backend::deadline`] for this run.
+        deadline_told: Option<Instant<Monotonic>>,
     },
     /// The done fence has signalled, or is about to through its hardware fence.
     Finished,
@@ -174,9 +176,6 @@ pub(super) struct JobNode<T: Backend> {
     /// cancelled keeps `Cancelled(e)` here for [`Backend::cancelled`].
     outcome: Option<Outcome>,
     state: JobState,
-    holds_credits: bool,
-    /// The deadline last given to [`Backend::deadline`].
-    deadline_told: Option<Instant<Monotonic>>,
     #[pin]
     pub(super) done: ProxyFence<DeadlineHook<T>>,
 }
@@ -189,7 +188,8 @@ type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
 /// # Invariants
 ///
 /// - `next_release <= next_run`: a job is released only after it ran (or was found not to run).
-/// - `credits_in_use <= capacity`: the sum of the credits of the jobs with `holds_credits`.
+/// - `credits_in_use <= capacity`: the sum of the credits of the jobs in
+///   [`JobState::Running`].
 pub(super) struct Proc<T: Backend> {
     /// Every submitted job not retired yet, by the sequence number of its done fence.
     jobs: JobTree<T>,
@@ -334,7 +334,7 @@ fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, o
         }
     };
     this.done.signal(result);
-    counters.leave(this.state, *this.credits, this.holds_credits);
+    counters.leave(this.state, *this.credits);
     *this.state = JobState::Finished;
 }
 
@@ -351,7 +351,7 @@ fn end<T: Backend>(
         return;
     }
     let this = node.project();
-    counters.leave(this.state, *this.credits, this.holds_credits);
+    counters.leave(this.state, *this.credits);
     *counters.waiting += 1;
     *this.outcome = Some(outcome);
     *this.state = JobState::Waiting { deps: KVec::new() };
@@ -400,8 +400,8 @@ fn attach<T: Backend>(
         hw,
         started: Instant::now(),
         attached: false,
+        deadline_told: None,
     };
-    *this.holds_credits = true;
     None
 }
 
@@ -423,15 +423,14 @@ struct Counters<'a> {
 
 impl Counters<'_> {
     /// Accounts for a job leaving `state`, giving back its credits.
-    fn leave(&mut self, state: &JobState, credits: u32, holds_credits: &mut bool) {
+    fn leave(&mut self, state: &JobState, credits: u32) {
         match state {
             JobState::Waiting { .. } => *self.waiting -= 1,
-            JobState::Running { .. } => *self.running -= 1,
+            JobState::Running { .. } => {
+                *self.running -= 1;
+                *self.credits_in_use -= credits;
+            }
             JobState::Finished => {}
-        }
-        if *holds_credits {
-            *self.credits_in_use -= credits;
-            *holds_credits = false;
         }
     }
 }
@@ -507,9 +506,7 @@ impl<T: Backend> Proc<T> {
                     }
                     Recovery::Resubmit => {
                         let this = node.as_mut().project();
-                        // Told again when it runs again.
-                        *this.deadline_told = None;
-                        counters.leave(this.state, *this.credits, this.holds_credits);
+                        counters.leave(this.state, *this.credits);
                         *counters.waiting += 1;
                         *this.state = JobState::Waiting { deps: KVec::new() };
                         resubmit_from.get_or_insert(seqno);
@@ -612,17 +609,14 @@ impl<T: Backend> Inner<T> {
     /// Takes the queue's mutex, with every job submitted so far in [`Proc`].
     fn lock(&self) -> MutexGuard<'_, Proc<T>> {
         let mut proc = self.proc.lock();
-        self.take_submitted(&mut proc, false);
+        self.take_submitted(&mut proc);
         proc
     }
 
-    /// Moves the submitted jobs into `proc`, whose mutex is held; with `close`, for a queue that
-    /// is dead, and refuses further submissions.
-    fn take_submitted(&self, proc: &mut Proc<T>, close: bool) {
+    /// Moves the submitted jobs into `proc`, whose mutex is held.
+    fn take_submitted(&self, proc: &mut Proc<T>) {
         let mut submitted = {
             let mut submitted = self.submitted.lock();
-            // INVARIANT: the caller holds the mutex and sets `Proc::dead` with `close`.
-            submitted.closed |= close;
             if submitted.jobs.is_empty() {
                 return;
             }
@@ -654,7 +648,9 @@ impl<T: Backend> Inner<T> {
     /// submitted so far are in `proc`, for the caller to end.
     fn close(&self, proc: &mut Proc<T>) {
         proc.dead = true;
-        self.take_submitted(proc, true);
+        // INVARIANT: the caller holds the mutex, and `Proc::dead` is set.
+        self.submitted.lock().closed = true;
+        self.take_submitted(proc);
     }
 
     fn kick_run(self: &Arc<Self>) {
@@ -699,7 +695,7 @@ impl<T: Backend> Inner<T> {
             self.kick_run();
             return;
         };
-        self.take_submitted(&mut guard, false);
+        self.take_submitted(&mut guard);
         // Only a job that is next to run needs handing on now. Otherwise a job before it has not
         // run yet, and what holds that job back (its own submitter, which did the same as here,
         // a dependency, credits, a stop, the run work that yielded after a batch) kicks the run
@@ -939,7 +935,7 @@ impl<T: Backend> Inner<T> {
                     let (_, mut node) = tree_node.to_key_value();
                     let (_, mut counters) = proc.split();
                     let this = node.as_mut().project();
-                    counters.leave(this.state, *this.credits, this.holds_credits);
+                    counters.leave(this.state, *this.credits);
                     *this.state = JobState::Finished;
                     trace::job_done(this.done.fence());
                     batch[taken] = Some(node);
@@ -961,17 +957,16 @@ impl<T: Backend> Inner<T> {
     /// Gives [`Backend::deadline`] the deadline of a job on the hardware, if it has one it was
     /// not given yet.
     fn tell_deadline(&self, mut node: Pin<&mut JobNode<T>>) {
-        if !matches!(node.state, JobState::Running { .. }) {
-            return;
-        }
         let Some(deadline) = node.done.deadline() else {
             return;
         };
-        let told = node.as_mut().project().deadline_told;
-        if told.is_some_and(|t| (t - deadline).is_zero()) {
+        let JobState::Running { deadline_told, .. } = node.as_mut().project().state else {
+            return;
+        };
+        if deadline_told.is_some_and(|t| (t - deadline).is_zero()) {
             return;
         }
-        *told = Some(deadline);
+        *deadline_told = Some(deadline);
         self.backend.deadline(JobRef::new(node), deadline);
     }
 
@@ -1334,8 +1329,6 @@ impl<T: Backend> JobQueue<T> {
             credits,
             outcome: None,
             state: JobState::Waiting { deps },
-            holds_credits: false,
-            deadline_told: None,
             done <- ProxyFence::with_deadline_hook(
                 done,
                 EnqueueWork::new(self.inner.wq.clone(), self.inner.clone()),
