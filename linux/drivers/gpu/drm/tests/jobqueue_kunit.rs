@@ -1062,6 +1062,45 @@ mod tests {
     }
 
     #[test]
+    fn slots_grow_while_jobs_wait() -> Result {
+        // Many more jobs alive at once than the slots a queue starts with (16), some created and
+        // held unsubmitted, some dropped unsubmitted, while the first ones wait in the queue:
+        // the slots grow several times under them, and every job still runs once, in order.
+        let f = Fixture::new(c"slots", 4, None)?;
+        let blocker = FenceContext::new(c"jobqueue_kunit", c"slots-gate");
+        let gate = blocker.new_fence(GFP_KERNEL)?;
+        let mut held = KVec::new();
+        let mut dones = KVec::new();
+        for i in 0..150 {
+            let mut job = f.job(1, us(10))?;
+            // The first job submitted waits for `gate`, and every later one behind it.
+            if i == 1 {
+                job.add_dependency(gate.to_aref())?;
+            }
+            match i % 3 {
+                0 => held.push(job, GFP_KERNEL)?,
+                1 => dones.push(f.queue().submit(job)?, GFP_KERNEL)?,
+                _ => drop(job),
+            }
+        }
+        assert_eq!(f.queue().stats().waiting, 50);
+        for job in held.drain_all() {
+            dones.push(f.queue().submit(job)?, GFP_KERNEL)?;
+        }
+        assert_eq!(f.queue().stats().waiting, 100);
+        gate.signal(Ok(()));
+        for done in &dones {
+            wait(done)?;
+            assert_eq!(done.status(), Some(Ok(())));
+        }
+        assert_eq!(Stats::get(&f.stats.runs), 100);
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
+        // The 50 jobs dropped unsubmitted gave their payloads back; none is cancelled.
+        assert_eq!(Stats::get(&f.stats.cancelled), 0);
+        Ok(())
+    }
+
+    #[test]
     fn interleaved_submission() -> Result {
         let f = Fixture::new(c"interleaved", 2, None)?;
         let mut dones = KVec::new();
@@ -2446,8 +2485,53 @@ mod fault_tests {
                 run_one(f.queue(), &f.stats)
             },
         )?;
-        // The done fence's memory, the job's node and its room in the queue's tree.
-        assert!(s.enomem >= 1);
+        // The done fence's memory and the job's node.
+        assert!(s.enomem >= 2);
+
+        // A new queue has room for 16 jobs (`INITIAL_SLOTS` in queue.rs): with 16 held
+        // unsubmitted, the next job doubles the room (three more allocations). Each failure
+        // leaves the room and the held jobs as they were.
+        let fixture = RefCell::new(None);
+        let held = RefCell::new(KVec::new());
+        let s = sweep(
+            "JobQueue::new_job growing the room for jobs",
+            || {
+                let grow = Fixture::new(c"fault-slots", 8, None)?;
+                let mut held = held.borrow_mut();
+                held.clear();
+                held.reserve(17, GFP_KERNEL)?;
+                for _ in 0..16 {
+                    held.push(grow.job(1, us(10))?, GFP_KERNEL)?;
+                }
+                payload.replace(Some(MockJob::new(&grow.stats, us(10))?));
+                fixture.replace(Some(grow));
+                Ok(())
+            },
+            || {
+                let payload = payload.take().ok_or(EINVAL)?;
+                let fixture = fixture.borrow();
+                let grow = fixture.as_ref().ok_or(EINVAL)?;
+                let job = grow.queue().new_job(1, payload)?;
+                held.borrow_mut().push(job, GFP_KERNEL)?;
+                Ok(())
+            },
+            |r| {
+                let fixture = fixture.borrow();
+                let grow = fixture.as_ref().ok_or(EINVAL)?;
+                let mut held = held.borrow_mut();
+                if held.len() != if r.is_ok() { 17 } else { 16 } {
+                    return Err(EINVAL);
+                }
+                let mut last = None;
+                for job in held.drain_all() {
+                    last = Some(grow.queue().submit(job)?);
+                }
+                finished(&last.ok_or(EINVAL)?)?;
+                run_one(grow.queue(), &grow.stats)
+            },
+        )?;
+        // The done fence's memory, the job's node, and the three buffers of the larger room.
+        assert!(s.enomem >= 5);
         Ok(())
     }
 

@@ -11,16 +11,20 @@
 //! check of its dependencies), and then only *tries* the mutex to hand the job on itself; if
 //! another thread holds the mutex, the run work does it.
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
-//! holder sees every submitted job. Fence callbacks take neither lock: they only enqueue work
-//! ([`EnqueueWork`]) or signal a done fence ([`ProxyFence`]). So the lock order is: queue mutex,
-//! then the submission spinlock, then fence locks, then the workqueue's locks, and no fence is
-//! ever waited for with the mutex held.
+//! holder sees every submitted job. Both keep their jobs in buffers with a slot for every job
+//! alive ([`JobRing`] in [`Proc`]): a job takes its slot when it is created
+//! ([`Inner::reserve_slot`], which doubles the slots when they run out) and gives it back when
+//! it is retired, so that neither submission nor the queue's work allocates.
+//! Fence callbacks take neither lock: they only enqueue work ([`EnqueueWork`]) or signal a done
+//! fence ([`ProxyFence`]). So the lock order is: queue mutex, then the submission spinlock, then
+//! fence locks, then the workqueue's locks, and no fence is ever waited for with the mutex held.
 
 use super::{
     job::{
         Job,
         JobRef, //
     },
+    ring::JobRing,
     trace,
     Backend,
     QueueOptions,
@@ -41,7 +45,6 @@ use crate::{
     impl_has_delayed_work,
     impl_has_work,
     prelude::*,
-    rbtree::RBTree,
     sync::{
         aref::ARef,
         atomic::{
@@ -123,6 +126,9 @@ const RUN_BATCH: u32 = 16;
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
 const RETIRE_BATCH: usize = 16;
 
+/// The slots for jobs a queue starts with ([`Submitted::slots`]); they double when they run out.
+const INITIAL_SLOTS: usize = 16;
+
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
@@ -180,8 +186,8 @@ pub(super) struct JobNode<T: Backend> {
     pub(super) done: ProxyFence<DeadlineHook<T>>,
 }
 
-/// The submitted jobs of a queue, by the sequence numbers of their done fences.
-type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
+/// A submitted job, as the queue holds it.
+type Node<T> = Pin<KBox<JobNode<T>>>;
 
 /// The state of a queue, behind its mutex.
 ///
@@ -192,7 +198,10 @@ type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
 ///   [`JobState::Running`].
 pub(super) struct Proc<T: Backend> {
     /// Every submitted job not retired yet, by the sequence number of its done fence.
-    jobs: JobTree<T>,
+    jobs: JobRing<Node<T>>,
+    /// Empty, with room for [`Submitted::slots`] jobs unless [`Submitted::spare`] holds its
+    /// replacement: swapped with [`Submitted::jobs`] to take the submitted jobs.
+    intake: KVec<Node<T>>,
     /// The first job that may still have to be run.
     next_run: u64,
     /// The first job that ran (or ended) but whose done fence was not released yet.
@@ -225,17 +234,26 @@ pub(super) struct Proc<T: Backend> {
     retire_busy: bool,
 }
 
-/// The jobs submitted since the queue's mutex was last taken, behind the submission spinlock.
+/// The jobs submitted since the queue's mutex was last taken, behind the submission spinlock,
+/// and the accounting of the slots that every job takes from its creation to its retirement.
 ///
 /// # Invariants
 ///
-/// `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
-/// once it is: the jobs of a dead queue all end with it.
+/// - `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
+///   once it is: the jobs of a dead queue all end with it.
+/// - `held <= slots`, and `held` counts the [`Slot`]s alive and the jobs in `jobs` and in
+///   `Proc::jobs`: so `jobs` and `Proc::jobs` together never hold more than `slots` jobs.
+/// - `jobs` has room for `slots` jobs; so does `Proc::jobs` if `spare` is `None`, and otherwise
+///   the ring in `spare`, whose two buffers are empty.
 pub(super) struct Submitted<T: Backend> {
     /// Added to in sequence number order: the done fence's sequence number is taken with the
     /// spinlock held.
-    jobs: JobTree<T>,
+    jobs: KVec<Node<T>>,
     closed: bool,
+    held: usize,
+    slots: usize,
+    /// Bigger slots for `Proc::jobs` and `Proc::intake`, for the next time the mutex is taken.
+    spare: Option<(KVec<Option<Node<T>>>, KVec<Node<T>>)>,
 }
 
 /// The shared part of a [`JobQueue`].
@@ -414,7 +432,7 @@ fn wait_on<T: Backend>(cb: &mut Option<Pin<KBox<DepCallback<T>>>>, fence: ARef<D
     }
 }
 
-/// The counters of a [`Proc`], borrowed apart from its job tree.
+/// The counters of a [`Proc`], borrowed apart from its jobs.
 struct Counters<'a> {
     credits_in_use: &'a mut u32,
     waiting: &'a mut u32,
@@ -448,7 +466,7 @@ enum Step {
 }
 
 impl<T: Backend> Proc<T> {
-    fn split(&mut self) -> (&mut JobTree<T>, Counters<'_>) {
+    fn split(&mut self) -> (&mut JobRing<Node<T>>, Counters<'_>) {
         (
             &mut self.jobs,
             Counters {
@@ -481,7 +499,7 @@ impl<T: Backend> Proc<T> {
         let mut resubmit_from = None;
         let next_release = self.next_release;
         let (jobs, mut counters) = self.split();
-        for (&seqno, node) in jobs.iter_mut() {
+        for (seqno, node) in jobs.iter_mut() {
             let hw_result = match &node.state {
                 JobState::Running {
                     hw,
@@ -615,16 +633,23 @@ impl<T: Backend> Inner<T> {
 
     /// Moves the submitted jobs into `proc`, whose mutex is held.
     fn take_submitted(&self, proc: &mut Proc<T>) {
-        let mut submitted = {
+        let (mut taken, spare) = {
             let mut submitted = self.submitted.lock();
-            if submitted.jobs.is_empty() {
+            let mut spare = submitted.spare.take();
+            if submitted.jobs.is_empty() && spare.is_none() {
                 return;
             }
-            core::mem::take(&mut submitted.jobs)
+            let empty = match &mut spare {
+                Some((_, intake)) => core::mem::take(intake),
+                None => core::mem::take(&mut proc.intake),
+            };
+            // INVARIANT: `empty` has room for `slots` jobs; the ring of `spare` goes to
+            // `Proc::jobs` below.
+            (core::mem::replace(&mut submitted.jobs, empty), spare)
         };
-        while let Some(cursor) = submitted.cursor_front_mut() {
-            let (_, node) = cursor.current();
-            proc.waiting += 1;
+        // Freed here, in the signalling section the caller may be in: freeing does not allocate.
+        let _old_slots = spare.map(|(slots, _)| proc.jobs.replace_slots(slots));
+        for node in taken.drain_all() {
             let deps = match &node.state {
                 JobState::Waiting { deps } => deps.len(),
                 _ => 0,
@@ -634,14 +659,71 @@ impl<T: Backend> Inner<T> {
                 node.done.fence(),
                 node.credits,
                 deps,
-                proc.waiting,
+                proc.waiting + 1,
                 proc.credits_in_use,
             );
-            let (_, tree_node) = cursor.remove_current();
-            let replaced = proc.jobs.insert(tree_node);
-            // Sequence numbers are unique.
-            debug_assert!(replaced.is_none());
+            let seqno = node.done.fence().seqno();
+            // Every job holds a slot, so the ring has room (`Submitted`'s invariants), and the
+            // jobs come in sequence number order.
+            if let Err(node) = proc.jobs.push(seqno, node) {
+                crate::warn_on!(true);
+                // Dropping it signals its done fence, with `ECANCELED`.
+                drop(node);
+                continue;
+            }
+            proc.waiting += 1;
         }
+        // INVARIANT: Empty again, with room for `Submitted::slots` jobs.
+        proc.intake = taken;
+    }
+
+    /// Takes a slot for a new job: room for it in [`Submitted`] and in [`Proc`], so that neither
+    /// its submission nor the queue's work allocates for it. When every slot is taken, doubles
+    /// them, without the queue's mutex: the ring is replaced the next time the mutex is taken.
+    pub(super) fn reserve_slot(&self) -> Result {
+        let mut want = {
+            let mut submitted = self.submitted.lock();
+            if submitted.held < submitted.slots {
+                submitted.held += 1;
+                return Ok(());
+            }
+            submitted.slots * 2
+        };
+        loop {
+            let mut jobs = KVec::with_capacity(want, GFP_KERNEL)?;
+            let mut spare = Some((
+                JobRing::empty_slots(want, GFP_KERNEL)?,
+                KVec::with_capacity(want, GFP_KERNEL)?,
+            ));
+            let mut submitted = self.submitted.lock();
+            if submitted.held < submitted.slots {
+                // Another job's creation made room meanwhile.
+                submitted.held += 1;
+                break;
+            }
+            if submitted.slots >= want {
+                want = submitted.slots * 2;
+                continue;
+            }
+            for node in submitted.jobs.drain_all() {
+                // `jobs` has room for `want > slots >= held` jobs.
+                if jobs.push_within_capacity(node).is_err() {
+                    crate::warn_on!(true);
+                }
+            }
+            // INVARIANT: `jobs` and `spare` have room for `want` jobs, one more than are held.
+            core::mem::swap(&mut submitted.jobs, &mut jobs);
+            core::mem::swap(&mut submitted.spare, &mut spare);
+            submitted.slots = want;
+            submitted.held += 1;
+            break;
+        }
+        Ok(())
+    }
+
+    /// Gives back the slots of `n` jobs, retired or dropped before their submission.
+    pub(super) fn release_slots(&self, n: usize) {
+        self.submitted.lock().held -= n;
     }
 
     /// Marks the queue dead, with its mutex held: no job is submitted from now on, and the jobs
@@ -752,7 +834,7 @@ impl<T: Backend> Inner<T> {
     /// ring has room for it.
     fn run_one(&self, proc: &mut Proc<T>) -> Step {
         let seqno = proc.next_run;
-        let Some(node) = proc.jobs.get_mut(&seqno) else {
+        let Some(node) = proc.jobs.get_mut(seqno) else {
             return Step::Blocked;
         };
         if !matches!(node.state, JobState::Waiting { .. }) {
@@ -824,7 +906,7 @@ impl<T: Backend> Inner<T> {
         // INVARIANT: `next_release` only moves up to `next_run`.
         while proc.next_release < proc.next_run {
             let seqno = proc.next_release;
-            let Some(node) = proc.jobs.get_mut(&seqno) else {
+            let Some(node) = proc.jobs.get_mut(seqno) else {
                 proc.next_release += 1;
                 continue;
             };
@@ -898,12 +980,11 @@ impl<T: Backend> Inner<T> {
                 let mut guard = self.lock();
                 let proc = &mut *guard;
                 while taken < RETIRE_BATCH {
-                    let Some(mut cursor) = proc.jobs.cursor_front_mut() else {
+                    let Some(node) = proc.jobs.front_mut() else {
                         proc.retire_busy = false;
                         more = false;
                         break;
                     };
-                    let (_, node) = cursor.current_mut();
                     let signalled = node.done.fence().status().is_some();
                     let can_retire = signalled && !matches!(node.state, JobState::Waiting { .. });
                     if !can_retire {
@@ -917,7 +998,7 @@ impl<T: Backend> Inner<T> {
                             }
                         }
                         let fence = this.done.fence().clone();
-                        // `cursor` is not used past this point, which ends its borrow of the tree.
+                        // `node` is not used past this point, which ends its borrow of the jobs.
                         let mut armed = false;
                         if let Some(cb) = proc.retire_cb.as_mut() {
                             if cb.as_mut().arm(fence) == Armed::RanNow {
@@ -931,8 +1012,9 @@ impl<T: Backend> Inner<T> {
                         more = false;
                         break;
                     }
-                    let (_, tree_node) = cursor.remove_current();
-                    let (_, mut node) = tree_node.to_key_value();
+                    let Some(mut node) = proc.jobs.pop_front() else {
+                        break;
+                    };
                     let (_, mut counters) = proc.split();
                     let this = node.as_mut().project();
                     counters.leave(this.state, *this.credits);
@@ -947,6 +1029,9 @@ impl<T: Backend> Inner<T> {
                     // the queue's workqueue, which the run work may share).
                     self.run_locked(guard);
                 }
+            }
+            if taken > 0 {
+                self.release_slots(taken);
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                 self.drop_job(node);
@@ -988,10 +1073,11 @@ impl<T: Backend> Inner<T> {
     /// Returns the hardware fence of the first job on the hardware that has not signalled.
     fn first_on_hardware(&self) -> Option<ARef<DmaFence>> {
         let proc = self.lock();
-        proc.jobs.iter().find_map(|(_, node)| match &node.state {
+        let hw = proc.jobs.iter().find_map(|(_, node)| match &node.state {
             JobState::Running { hw, .. } if hw.status().is_none() => Some(hw.clone()),
             _ => None,
-        })
+        });
+        hw
     }
 
     /// Calls the cancelled hook if needed and drops a retired job, without the lock held.
@@ -1008,7 +1094,7 @@ impl<T: Backend> Inner<T> {
     /// that is not ordered the timeout work can get here first.
     fn oldest_running(proc: &Proc<T>) -> Option<(u64, Instant<Monotonic>)> {
         let mut previous_end: Option<Instant<Monotonic>> = None;
-        for (&seqno, node) in proc.jobs.iter() {
+        for (seqno, node) in proc.jobs.iter() {
             match &node.state {
                 JobState::Running { hw, started, .. } if hw.status().is_none() => {
                     let start = match previous_end {
@@ -1065,7 +1151,7 @@ impl<T: Backend> Inner<T> {
         }
         // Detach first: the backend may signal the hardware fences while it resets the ring.
         proc.detach_running();
-        let Some(node) = proc.jobs.get_mut(&seqno) else {
+        let Some(node) = proc.jobs.get_mut(seqno) else {
             return;
         };
         let action = self.backend.timed_out(JobRef::new(node.as_mut()));
@@ -1207,6 +1293,10 @@ impl<T: Backend> JobQueue<T> {
             None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
         let inner_wq = wq.clone();
+        let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
+        let intake = KVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
+        let submitted = KVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
+        // INVARIANT: No slot is held, and the three have room for `INITIAL_SLOTS` jobs.
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 backend,
@@ -1220,7 +1310,8 @@ impl<T: Backend> JobQueue<T> {
                 wq: inner_wq,
                 domain,
                 proc <- Mutex::new(Proc {
-                    jobs: RBTree::new(),
+                    jobs: ring,
+                    intake,
                     next_run: 1,
                     next_release: 1,
                     last_released: None,
@@ -1239,8 +1330,11 @@ impl<T: Backend> JobQueue<T> {
                     retire_busy: false,
                 }, PROC_LOCK_NAME, proc_lock_class()),
                 submitted <- SpinLock::new(Submitted {
-                    jobs: RBTree::new(),
+                    jobs: submitted,
                     closed: false,
+                    held: 0,
+                    slots: INITIAL_SLOTS,
+                    spare: None,
                 }, SUBMIT_LOCK_NAME, submit_lock_class()),
                 run_work <- Work::new(RUN_WORK_NAME, run_work_class()),
                 retire_work <- Work::new(RETIRE_WORK_NAME, retire_work_class()),
@@ -1296,7 +1390,7 @@ impl<T: Backend> JobQueue<T> {
     /// moment, and by the run work otherwise, so call this without locks that [`Backend::run`]
     /// takes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
-        if !Arc::ptr_eq(&job.queue, &self.inner) {
+        if !Arc::ptr_eq(job.slot.queue(), &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
         }
         let mut submitted = self.inner.submitted.lock();
@@ -1304,15 +1398,22 @@ impl<T: Backend> JobQueue<T> {
             drop(submitted);
             return Err(SubmitError { error: ENODEV, job });
         }
+        if submitted.jobs.len() >= submitted.jobs.capacity() {
+            // The job's slot is room in `jobs` (`Submitted`'s invariants).
+            drop(submitted);
+            crate::warn_on!(true);
+            return Err(SubmitError { error: ENOMEM, job });
+        }
         let Job {
-            queue: _,
+            slot,
             credits,
             payload,
             mut deps,
             fence,
             node,
-            reservation,
         } = job;
+        // The job keeps its slot until it is retired.
+        slot.keep();
         // Point of no return: the done fence exists from here on.
         let own = self.inner.fence_ctx.context();
         let pipeline_own = self.inner.pipeline_own;
@@ -1335,7 +1436,8 @@ impl<T: Backend> JobQueue<T> {
             ),
         });
         let Ok(node) = KBox::write_pin_init(node, init);
-        submitted.jobs.insert(reservation.into_node(seqno, node));
+        // Room was checked above, with the spinlock held.
+        let _ = submitted.jobs.push_within_capacity(node);
         drop(submitted);
         self.inner.run_submitted(seqno);
         Ok(done_ref)
@@ -1587,14 +1689,13 @@ impl<T: Backend> Drop for JobQueue<T> {
         loop {
             let node = {
                 let mut proc = inner.lock();
-                let Some(cursor) = proc.jobs.cursor_front_mut() else {
+                let Some(node) = proc.jobs.pop_front() else {
                     break;
                 };
-                let (_, tree_node) = cursor.remove_current();
-                let node = tree_node.to_key_value().1;
                 trace::job_done(node.done.fence());
                 node
             };
+            inner.release_slots(1);
             inner.drop_job(node);
         }
         inner.run_work.flush();
@@ -1821,7 +1922,7 @@ impl<T: Backend> ResetDomain<T> {
             let mut guard = guilty.lock();
             let proc = &mut *guard;
             let dying = proc.dead || proc.dying;
-            match proc.jobs.get_mut(&seqno) {
+            match proc.jobs.get_mut(seqno) {
                 // Still on the hardware and not done: the backend decides.
                 Some(node)
                     if !dying
