@@ -1062,38 +1062,49 @@ mod tests {
     }
 
     #[test]
-    fn slots_grow_while_jobs_wait() -> Result {
-        // Many more jobs alive at once than the slots a queue starts with (16), some created and
-        // held unsubmitted, some dropped unsubmitted, while the first ones wait in the queue:
-        // the slots grow several times under them, and every job still runs once, in order.
+    fn slots_grow_while_the_queue_is_busy() -> Result {
+        // Many more jobs alive at once than the slots a queue starts with (16), some held
+        // unsubmitted, some dropped unsubmitted, while the queue's mutex is held by a `run` that
+        // waits: the submitted jobs pile up behind the spinlock, and the slots double three times
+        // before the ring can take the larger ones. Every job still runs once, in order.
         let f = Fixture::new(c"slots", 4, None)?;
-        let blocker = FenceContext::new(c"jobqueue_kunit", c"slots-gate");
-        let gate = blocker.new_fence(GFP_KERNEL)?;
-        let mut held = KVec::new();
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"slots-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
+        let mut first = MockJob::new(&f.stats, us(10))?;
+        first.run_gate = Some(gate.clone());
+        let mut job = f.queue.new_job(1, first)?;
+        job.add_dependency(dep.to_aref())?;
         let mut dones = KVec::new();
+        dones.push(f.queue.submit(job)?, GFP_KERNEL)?;
+        // The run work hands the first job on when `dep` signals; its `run` then waits for the
+        // gate with the queue's mutex held.
+        dep.signal(Ok(()));
+        let mut tries = 0;
+        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        let mut held = KVec::new();
         for i in 0..150 {
-            let mut job = f.job(1, us(10))?;
-            // The first job submitted waits for `gate`, and every later one behind it.
-            if i == 1 {
-                job.add_dependency(gate.to_aref())?;
-            }
+            let job = f.job(1, us(10))?;
             match i % 3 {
                 0 => held.push(job, GFP_KERNEL)?,
                 1 => dones.push(f.queue().submit(job)?, GFP_KERNEL)?,
                 _ => drop(job),
             }
         }
-        assert_eq!(f.queue().stats().waiting, 50);
         for job in held.drain_all() {
             dones.push(f.queue().submit(job)?, GFP_KERNEL)?;
         }
-        assert_eq!(f.queue().stats().waiting, 100);
-        gate.signal(Ok(()));
+        gate.store(true, ordering::Release);
         for done in &dones {
             wait(done)?;
             assert_eq!(done.status(), Some(Ok(())));
         }
-        assert_eq!(Stats::get(&f.stats.runs), 100);
+        assert_eq!(Stats::get(&f.stats.gate_timeouts), 0);
+        assert_eq!(Stats::get(&f.stats.runs), 101);
         assert_eq!(Stats::get(&f.stats.order_violations), 0);
         // The 50 jobs dropped unsubmitted gave their payloads back; none is cancelled.
         assert_eq!(Stats::get(&f.stats.cancelled), 0);
@@ -2530,8 +2541,11 @@ mod fault_tests {
                 run_one(grow.queue(), &grow.stats)
             },
         )?;
-        // The done fence's memory, the job's node, and the three buffers of the larger room.
-        assert!(s.enomem >= 5);
+        // The done fence's memory and the job's node fail with `ENOMEM`; the three buffers of
+        // the larger room are allocated with `kvmalloc()`, which falls back to `vmalloc()` when
+        // `kmalloc()` fails, so not every failure there is one.
+        assert!(s.enomem >= 2);
+        assert!(s.points >= 7);
         Ok(())
     }
 

@@ -128,6 +128,7 @@ const RETIRE_BATCH: usize = 16;
 
 /// The slots for jobs a queue starts with ([`Submitted::slots`]); they double when they run out.
 const INITIAL_SLOTS: usize = 16;
+const _: () = assert!(INITIAL_SLOTS > 0);
 
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
@@ -196,12 +197,13 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 /// - `next_release <= next_run`: a job is released only after it ran (or was found not to run).
 /// - `credits_in_use <= capacity`: the sum of the credits of the jobs in
 ///   [`JobState::Running`].
+/// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
+///   holds its replacement.
 pub(super) struct Proc<T: Backend> {
     /// Every submitted job not retired yet, by the sequence number of its done fence.
     jobs: JobRing<Node<T>>,
-    /// Empty, with room for [`Submitted::slots`] jobs unless [`Submitted::spare`] holds its
-    /// replacement: swapped with [`Submitted::jobs`] to take the submitted jobs.
-    intake: KVec<Node<T>>,
+    /// Swapped with [`Submitted::jobs`] to take the submitted jobs.
+    intake: KVVec<Node<T>>,
     /// The first job that may still have to be run.
     next_run: u64,
     /// The first job that ran (or ended) but whose done fence was not released yet.
@@ -241,23 +243,26 @@ pub(super) struct Proc<T: Backend> {
 ///
 /// - `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
 ///   once it is: the jobs of a dead queue all end with it.
-/// - `held <= slots`, and `held` counts the [`Slot`]s alive and the jobs in `jobs` and in
-///   `Proc::jobs`: so `jobs` and `Proc::jobs` together never hold more than `slots` jobs.
-/// - `jobs` has room for `slots` jobs; so does `Proc::jobs` if `spare` is `None`, and otherwise
-///   the ring in `spare`, whose two buffers are empty.
+/// - `held <= slots`. Every [`Slot`](super::job::Slot) alive and every job in `jobs`, in
+///   `Proc::jobs` or on its way between them is counted in `held` (a retired job, until the
+///   retire work gives its slot back): so `jobs` and `Proc::jobs` together never hold more than
+///   `slots` jobs.
+/// - `jobs` has room for `slots` jobs. So has, whenever the queue's mutex is free,
+///   `Proc::jobs` if `spare` is `None`, and otherwise the ring in `spare`; its two buffers are
+///   empty.
 pub(super) struct Submitted<T: Backend> {
     /// Added to in sequence number order: the done fence's sequence number is taken with the
     /// spinlock held.
-    jobs: KVec<Node<T>>,
+    jobs: KVVec<Node<T>>,
     closed: bool,
     held: usize,
     slots: usize,
     /// Bigger slots for `Proc::jobs` and `Proc::intake`, for the next time the mutex is taken.
-    spare: Option<(KVec<Option<Node<T>>>, KVec<Node<T>>)>,
+    spare: Option<(KVVec<Option<Node<T>>>, KVVec<Node<T>>)>,
 }
 
 /// The shared part of a [`JobQueue`].
-#[pin_data]
+#[pin_data(PinnedDrop)]
 pub(super) struct Inner<T: Backend> {
     backend: T,
     name: &'static CStr,
@@ -286,6 +291,15 @@ pub(super) struct Inner<T: Backend> {
     fault_work: Work<Inner<T>, FAULT>,
     #[pin]
     deadline_work: Work<Inner<T>, DEADLINE>,
+}
+
+#[pinned_drop]
+impl<T: Backend> PinnedDrop for Inner<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // Every job gave its slot back: each `Slot` holds a reference to `self`, and teardown
+        // retired every job.
+        crate::warn_on!(self.submitted.lock().held != 0);
+    }
 }
 
 impl_has_work! {
@@ -643,12 +657,18 @@ impl<T: Backend> Inner<T> {
                 Some((_, intake)) => core::mem::take(intake),
                 None => core::mem::take(&mut proc.intake),
             };
-            // INVARIANT: `empty` has room for `slots` jobs; the ring of `spare` goes to
-            // `Proc::jobs` below.
+            // INVARIANT: `empty` has room for `slots` jobs, and the ring of `spare`, if any, is
+            // `Proc::jobs`' below, before the mutex is let go.
             (core::mem::replace(&mut submitted.jobs, empty), spare)
         };
-        // Freed here, in the signalling section the caller may be in: freeing does not allocate.
-        let _old_slots = spare.map(|(slots, _)| proc.jobs.replace_slots(slots));
+        // The old buffers are freed here, in the signalling section the caller may be in:
+        // freeing does not allocate.
+        if let Some((slots, _)) = spare {
+            let replaced = proc.jobs.replace_slots(slots);
+            crate::warn_on!(replaced.is_err());
+        }
+        debug_assert!(proc.jobs.len() + taken.len() <= proc.jobs.capacity());
+        let mut lost = 0;
         for node in taken.drain_all() {
             let deps = match &node.state {
                 JobState::Waiting { deps } => deps.len(),
@@ -664,16 +684,21 @@ impl<T: Backend> Inner<T> {
             );
             let seqno = node.done.fence().seqno();
             // Every job holds a slot, so the ring has room (`Submitted`'s invariants), and the
-            // jobs come in sequence number order.
+            // jobs come in sequence number order: this fails only if the accounting is wrong.
             if let Err(node) = proc.jobs.push(seqno, node) {
                 crate::warn_on!(true);
-                // Dropping it signals its done fence, with `ECANCELED`.
+                // Dropping it signals its done fence with `ECANCELED`.
                 drop(node);
+                lost += 1;
                 continue;
             }
             proc.waiting += 1;
         }
-        // INVARIANT: Empty again, with room for `Submitted::slots` jobs.
+        if lost > 0 {
+            self.release_slots(lost);
+        }
+        // INVARIANT: Empty again, with room for the jobs of the slots as of the spinlock section
+        // above; if the slots grew since, `Submitted::spare` holds its replacement.
         proc.intake = taken;
     }
 
@@ -690,32 +715,42 @@ impl<T: Backend> Inner<T> {
             submitted.slots * 2
         };
         loop {
-            let mut jobs = KVec::with_capacity(want, GFP_KERNEL)?;
+            let mut jobs = KVVec::with_capacity(want, GFP_KERNEL)?;
             let mut spare = Some((
                 JobRing::empty_slots(want, GFP_KERNEL)?,
-                KVec::with_capacity(want, GFP_KERNEL)?,
+                KVVec::with_capacity(want, GFP_KERNEL)?,
             ));
             let mut submitted = self.submitted.lock();
             if submitted.held < submitted.slots {
                 // Another job's creation made room meanwhile.
                 submitted.held += 1;
+                drop(submitted);
                 break;
             }
             if submitted.slots >= want {
                 want = submitted.slots * 2;
                 continue;
             }
-            for node in submitted.jobs.drain_all() {
-                // `jobs` has room for `want > slots >= held` jobs.
-                if jobs.push_within_capacity(node).is_err() {
-                    crate::warn_on!(true);
-                }
+            // `held <= slots < want`: this does not fail while the accounting is right.
+            if submitted.jobs.len() >= want {
+                drop(submitted);
+                crate::warn_on!(true);
+                return Err(ENOMEM);
             }
-            // INVARIANT: `jobs` and `spare` have room for `want` jobs, one more than are held.
+            for node in submitted.jobs.drain_all() {
+                let pushed = jobs.push_within_capacity(node);
+                debug_assert!(pushed.is_ok());
+            }
+            // INVARIANT: `jobs` and the two buffers of `spare` have room for `want` jobs, more
+            // than are held with this one.
             core::mem::swap(&mut submitted.jobs, &mut jobs);
             core::mem::swap(&mut submitted.spare, &mut spare);
             submitted.slots = want;
             submitted.held += 1;
+            drop(submitted);
+            // The old buffers, emptied: freed without the spinlock, as they may be vmalloc()ed.
+            drop(jobs);
+            drop(spare);
             break;
         }
         Ok(())
@@ -1032,6 +1067,13 @@ impl<T: Backend> Inner<T> {
             }
             if taken > 0 {
                 self.release_slots(taken);
+                // A job submitted while this work held the lock was left to the run work, which
+                // may wait behind this work on the workqueue: hand it on before the payloads go,
+                // whatever their `Drop` waits for.
+                if !self.submitted.lock().jobs.is_empty() {
+                    let _section = SignallingSection::begin();
+                    self.run_locked(self.lock());
+                }
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                 self.drop_job(node);
@@ -1073,6 +1115,7 @@ impl<T: Backend> Inner<T> {
     /// Returns the hardware fence of the first job on the hardware that has not signalled.
     fn first_on_hardware(&self) -> Option<ARef<DmaFence>> {
         let proc = self.lock();
+        // Bound to a local: the iterator borrows `proc`, so it must go before the guard does.
         let hw = proc.jobs.iter().find_map(|(_, node)| match &node.state {
             JobState::Running { hw, .. } if hw.status().is_none() => Some(hw.clone()),
             _ => None,
@@ -1294,8 +1337,8 @@ impl<T: Backend> JobQueue<T> {
         };
         let inner_wq = wq.clone();
         let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
-        let intake = KVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
-        let submitted = KVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
+        let intake = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
+        let submitted = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
         // INVARIANT: No slot is held, and the three have room for `INITIAL_SLOTS` jobs.
         let inner = Arc::pin_init(
             pin_init!(Inner {
@@ -1399,7 +1442,8 @@ impl<T: Backend> JobQueue<T> {
             return Err(SubmitError { error: ENODEV, job });
         }
         if submitted.jobs.len() >= submitted.jobs.capacity() {
-            // The job's slot is room in `jobs` (`Submitted`'s invariants).
+            // The job's slot is room in `jobs` (`Submitted`'s invariants): only a wrong
+            // accounting gets here.
             drop(submitted);
             crate::warn_on!(true);
             return Err(SubmitError { error: ENOMEM, job });
@@ -1437,7 +1481,8 @@ impl<T: Backend> JobQueue<T> {
         });
         let Ok(node) = KBox::write_pin_init(node, init);
         // Room was checked above, with the spinlock held.
-        let _ = submitted.jobs.push_within_capacity(node);
+        let pushed = submitted.jobs.push_within_capacity(node);
+        debug_assert!(pushed.is_ok());
         drop(submitted);
         self.inner.run_submitted(seqno);
         Ok(done_ref)

@@ -15,11 +15,11 @@ use crate::{
 ///
 /// # Invariants
 ///
-/// - `len <= slots.len()`.
+/// - `len <= slots.len()`, and `head < slots.len()` (or 0 if there are no slots).
 /// - For `i < len`, `slots[(head + i) % slots.len()]` holds the job whose sequence number is
 ///   `first + i`; every other slot is `None`.
 pub(super) struct JobRing<N> {
-    slots: KVec<Option<N>>,
+    slots: KVVec<Option<N>>,
     head: usize,
     len: usize,
     first: u64,
@@ -27,8 +27,8 @@ pub(super) struct JobRing<N> {
 
 impl<N> JobRing<N> {
     /// Returns `n` empty slots, for [`JobRing::new`] or [`JobRing::replace_slots`].
-    pub(super) fn empty_slots(n: usize, flags: Flags) -> Result<KVec<Option<N>>> {
-        let mut slots = KVec::with_capacity(n, flags)?;
+    pub(super) fn empty_slots(n: usize, flags: Flags) -> Result<KVVec<Option<N>>> {
+        let mut slots = KVVec::with_capacity(n, flags)?;
         for _ in 0..n {
             slots.push_within_capacity(None).map_err(|_| ENOMEM)?;
         }
@@ -63,6 +63,7 @@ impl<N> JobRing<N> {
 
     fn index(&self, seqno: u64) -> Option<usize> {
         let i = usize::try_from(seqno.checked_sub(self.first)?).ok()?;
+        // Lazily: with no slots, `len` is 0 and the remainder is not computed.
         (i < self.len).then(|| (self.head + i) % self.slots.len())
     }
 
@@ -126,6 +127,7 @@ impl<N> JobRing<N> {
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut N)> {
         let (before, after) = self.slots.split_at_mut(self.head);
         let first = self.first;
+        // `Iterator::` as in `JobRing::iter`.
         Iterator::chain(after.iter_mut(), before)
             .take(self.len)
             .zip(first..)
@@ -137,12 +139,13 @@ impl<N> JobRing<N> {
     /// jobs.
     pub(super) fn replace_slots(
         &mut self,
-        mut slots: KVec<Option<N>>,
-    ) -> Result<KVec<Option<N>>, KVec<Option<N>>> {
+        mut slots: KVVec<Option<N>>,
+    ) -> Result<KVVec<Option<N>>, KVVec<Option<N>>> {
         if slots.len() < self.len || slots.iter().any(Option::is_some) {
             return Err(slots);
         }
         let (before, after) = self.slots.split_at_mut(self.head);
+        // `Iterator::` as in `JobRing::iter`.
         for (new, old) in slots
             .iter_mut()
             .zip(Iterator::chain(after.iter_mut(), before).take(self.len))
