@@ -248,7 +248,7 @@ pub(super) struct Proc<T: Backend> {
 ///   retire work gives its slot back): so `jobs` and `Proc::jobs` together never hold more than
 ///   `slots` jobs.
 /// - `jobs` has room for `slots` jobs. So has, whenever the queue's mutex is free,
-///   `Proc::jobs` if `spare` is `None`, and otherwise the ring in `spare`; its two buffers are
+///   `Proc::jobs` if `spare` is `None`, and otherwise the slots in `spare`; its two buffers are
 ///   empty.
 pub(super) struct Submitted<T: Backend> {
     /// Added to in sequence number order: the done fence's sequence number is taken with the
@@ -257,8 +257,14 @@ pub(super) struct Submitted<T: Backend> {
     closed: bool,
     held: usize,
     slots: usize,
-    /// Bigger slots for `Proc::jobs` and `Proc::intake`, for the next time the mutex is taken.
-    spare: Option<(KVVec<Option<Node<T>>>, KVVec<Node<T>>)>,
+    spare: Option<SpareRoom<T>>,
+}
+
+/// Larger buffers for `Proc::jobs` and `Proc::intake`, made by [`Inner::reserve_slot`] for the
+/// next holder of the queue's mutex to install.
+struct SpareRoom<T: Backend> {
+    slots: KVVec<Option<Node<T>>>,
+    intake: KVVec<Node<T>>,
 }
 
 /// The shared part of a [`JobQueue`].
@@ -654,7 +660,7 @@ impl<T: Backend> Inner<T> {
                 return;
             }
             let empty = match &mut spare {
-                Some((_, intake)) => core::mem::take(intake),
+                Some(spare) => core::mem::take(&mut spare.intake),
                 None => core::mem::take(&mut proc.intake),
             };
             // INVARIANT: `empty` has room for `slots` jobs, and the ring of `spare`, if any, is
@@ -663,8 +669,8 @@ impl<T: Backend> Inner<T> {
         };
         // The old buffers are freed here, in the signalling section the caller may be in:
         // freeing does not allocate.
-        if let Some((slots, _)) = spare {
-            let replaced = proc.jobs.replace_slots(slots);
+        if let Some(spare) = spare {
+            let replaced = proc.jobs.replace_slots(spare.slots);
             crate::warn_on!(replaced.is_err());
         }
         debug_assert!(proc.jobs.len() + taken.len() <= proc.jobs.capacity());
@@ -716,10 +722,10 @@ impl<T: Backend> Inner<T> {
         };
         loop {
             let mut jobs = KVVec::with_capacity(want, GFP_KERNEL)?;
-            let mut spare = Some((
-                JobRing::empty_slots(want, GFP_KERNEL)?,
-                KVVec::with_capacity(want, GFP_KERNEL)?,
-            ));
+            let mut spare = Some(SpareRoom {
+                slots: JobRing::empty_slots(want, GFP_KERNEL)?,
+                intake: KVVec::with_capacity(want, GFP_KERNEL)?,
+            });
             let mut submitted = self.submitted.lock();
             if submitted.held < submitted.slots {
                 // Another job's creation made room meanwhile.
