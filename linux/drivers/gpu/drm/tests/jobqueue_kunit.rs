@@ -1062,6 +1062,56 @@ mod tests {
     }
 
     #[test]
+    fn slots_grow_while_the_queue_is_busy() -> Result {
+        // Many more jobs alive at once than the slots a queue starts with (16), some held
+        // unsubmitted, some dropped unsubmitted, while the queue's mutex is held by a `run` that
+        // waits: the submitted jobs pile up behind the spinlock, and the slots double three times
+        // before the ring can take the larger ones. Every job still runs once, in order.
+        let f = Fixture::new(c"slots", 4, None)?;
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"slots-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
+        let mut first = MockJob::new(&f.stats, us(10))?;
+        first.run_gate = Some(gate.clone());
+        let mut job = f.queue.new_job(1, first)?;
+        job.add_dependency(dep.to_aref())?;
+        let mut dones = KVec::new();
+        dones.push(f.queue.submit(job)?, GFP_KERNEL)?;
+        // The run work hands the first job on when `dep` signals; its `run` then waits for the
+        // gate with the queue's mutex held.
+        dep.signal(Ok(()));
+        let mut tries = 0;
+        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        let mut held = KVec::new();
+        for i in 0..150 {
+            let job = f.job(1, us(10))?;
+            match i % 3 {
+                0 => held.push(job, GFP_KERNEL)?,
+                1 => dones.push(f.queue().submit(job)?, GFP_KERNEL)?,
+                _ => drop(job),
+            }
+        }
+        for job in held.drain_all() {
+            dones.push(f.queue().submit(job)?, GFP_KERNEL)?;
+        }
+        gate.store(true, ordering::Release);
+        for done in &dones {
+            wait(done)?;
+            assert_eq!(done.status(), Some(Ok(())));
+        }
+        assert_eq!(Stats::get(&f.stats.gate_timeouts), 0);
+        assert_eq!(Stats::get(&f.stats.runs), 101);
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
+        // The 50 jobs dropped unsubmitted gave their payloads back; none is cancelled.
+        assert_eq!(Stats::get(&f.stats.cancelled), 0);
+        Ok(())
+    }
+
+    #[test]
     fn interleaved_submission() -> Result {
         let f = Fixture::new(c"interleaved", 2, None)?;
         let mut dones = KVec::new();
@@ -2446,8 +2496,56 @@ mod fault_tests {
                 run_one(f.queue(), &f.stats)
             },
         )?;
-        // The done fence's memory, the job's node and its room in the queue's tree.
-        assert!(s.enomem >= 1);
+        // The done fence's memory and the job's node.
+        assert!(s.enomem >= 2);
+
+        // A new queue has room for 16 jobs (`INITIAL_SLOTS` in queue.rs): with 16 held
+        // unsubmitted, the next job doubles the room (three more allocations). Each failure
+        // leaves the room and the held jobs as they were.
+        let fixture = RefCell::new(None);
+        let held = RefCell::new(KVec::new());
+        let s = sweep(
+            "JobQueue::new_job growing the room for jobs",
+            || {
+                let grow = Fixture::new(c"fault-slots", 8, None)?;
+                let mut held = held.borrow_mut();
+                held.clear();
+                held.reserve(17, GFP_KERNEL)?;
+                for _ in 0..16 {
+                    held.push(grow.job(1, us(10))?, GFP_KERNEL)?;
+                }
+                payload.replace(Some(MockJob::new(&grow.stats, us(10))?));
+                fixture.replace(Some(grow));
+                Ok(())
+            },
+            || {
+                let payload = payload.take().ok_or(EINVAL)?;
+                let fixture = fixture.borrow();
+                let grow = fixture.as_ref().ok_or(EINVAL)?;
+                let job = grow.queue().new_job(1, payload)?;
+                held.borrow_mut().push(job, GFP_KERNEL)?;
+                Ok(())
+            },
+            |r| {
+                let fixture = fixture.borrow();
+                let grow = fixture.as_ref().ok_or(EINVAL)?;
+                let mut held = held.borrow_mut();
+                if held.len() != if r.is_ok() { 17 } else { 16 } {
+                    return Err(EINVAL);
+                }
+                let mut last = None;
+                for job in held.drain_all() {
+                    last = Some(grow.queue().submit(job)?);
+                }
+                finished(&last.ok_or(EINVAL)?)?;
+                run_one(grow.queue(), &grow.stats)
+            },
+        )?;
+        // The done fence's memory and the job's node fail with `ENOMEM`; the three buffers of
+        // the larger room are allocated with `kvmalloc()`, which falls back to `vmalloc()` when
+        // `kmalloc()` fails, so not every failure there is one.
+        assert!(s.enomem >= 2);
+        assert!(s.points >= 7);
         Ok(())
     }
 

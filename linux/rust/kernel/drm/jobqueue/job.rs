@@ -15,7 +15,6 @@ use crate::{
         FenceAllocation, //
     },
     prelude::*,
-    rbtree::RBTreeNodeReservation,
     sync::{
         aref::ARef,
         Arc, //
@@ -73,13 +72,12 @@ use core::{
 /// # Ok::<(), Error>(())
 /// ```
 pub struct Job<T: Backend> {
-    pub(super) queue: Arc<Inner<T>>,
+    pub(super) slot: Slot<T>,
     pub(super) credits: u32,
     pub(super) payload: T::Job,
     pub(super) deps: KVec<ARef<DmaFence>>,
     pub(super) fence: FenceAllocation,
     pub(super) node: KBox<MaybeUninit<JobNode<T>>>,
-    pub(super) reservation: RBTreeNodeReservation<u64, Pin<KBox<JobNode<T>>>>,
 }
 
 impl<T: Backend> Job<T> {
@@ -87,14 +85,15 @@ impl<T: Backend> Job<T> {
         if (credits == 0 && !queue.allow_zero_credits) || credits > queue.capacity {
             return Err(EINVAL);
         }
+        let fence = FenceAllocation::new(GFP_KERNEL)?;
+        let node = KBox::new_uninit(GFP_KERNEL)?;
         Ok(Self {
-            queue: queue.clone(),
+            slot: Slot::take(queue)?,
             credits,
             payload,
             deps: KVec::new(),
-            fence: FenceAllocation::new(GFP_KERNEL)?,
-            node: KBox::new_uninit(GFP_KERNEL)?,
-            reservation: RBTreeNodeReservation::new(GFP_KERNEL)?,
+            fence,
+            node,
         })
     }
 
@@ -109,7 +108,7 @@ impl<T: Backend> Job<T> {
     /// Fails with `EINVAL` for a fence of this queue that has not been submitted yet (the job
     /// would wait for itself or a later job), and with `ENOMEM`.
     pub fn add_dependency(&mut self, fence: ARef<DmaFence>) -> Result {
-        let ctx = &self.queue.fence_ctx;
+        let ctx = &self.slot.queue().fence_ctx;
         if fence.context() == ctx.context() && fence.seqno() > ctx.last_seqno() {
             return Err(EINVAL);
         }
@@ -162,6 +161,42 @@ impl<T: Backend> Job<T> {
     /// Returns the driver's data of the job.
     pub fn payload_mut(&mut self) -> &mut T::Job {
         &mut self.payload
+    }
+}
+
+/// A job's place in its queue, from its creation until it is retired: the room the queue keeps for
+/// it ([`Inner::reserve_slot`]). Given back when dropped, unless the job was submitted
+/// ([`Slot::keep`]); the queue gives it back when it retires the job.
+pub(super) struct Slot<T: Backend> {
+    queue: Arc<Inner<T>>,
+    kept: bool,
+}
+
+impl<T: Backend> Slot<T> {
+    fn take(queue: &Arc<Inner<T>>) -> Result<Self> {
+        queue.reserve_slot()?;
+        Ok(Self {
+            queue: queue.clone(),
+            kept: false,
+        })
+    }
+
+    /// Returns the queue of the job.
+    pub(super) fn queue(&self) -> &Arc<Inner<T>> {
+        &self.queue
+    }
+
+    /// Leaves the slot to the queue, for the job just submitted.
+    pub(super) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl<T: Backend> Drop for Slot<T> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.queue.release_slots(1);
+        }
     }
 }
 

@@ -179,6 +179,7 @@ use crate::{
 
 mod job;
 mod queue;
+mod ring;
 mod trace;
 
 #[doc(inline)]

@@ -11,16 +11,20 @@
 //! check of its dependencies), and then only *tries* the mutex to hand the job on itself; if
 //! another thread holds the mutex, the run work does it.
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
-//! holder sees every submitted job. Fence callbacks take neither lock: they only enqueue work
-//! ([`EnqueueWork`]) or signal a done fence ([`ProxyFence`]). So the lock order is: queue mutex,
-//! then the submission spinlock, then fence locks, then the workqueue's locks, and no fence is
-//! ever waited for with the mutex held.
+//! holder sees every submitted job. Both keep their jobs in buffers with a slot for every job
+//! alive ([`JobRing`] in [`Proc`]): a job takes its slot when it is created
+//! ([`Inner::reserve_slot`], which doubles the slots when they run out) and gives it back when
+//! it is retired, so that neither submission nor the queue's work allocates.
+//! Fence callbacks take neither lock: they only enqueue work ([`EnqueueWork`]) or signal a done
+//! fence ([`ProxyFence`]). So the lock order is: queue mutex, then the submission spinlock, then
+//! fence locks, then the workqueue's locks, and no fence is ever waited for with the mutex held.
 
 use super::{
     job::{
         Job,
         JobRef, //
     },
+    ring::JobRing,
     trace,
     Backend,
     QueueOptions,
@@ -41,7 +45,6 @@ use crate::{
     impl_has_delayed_work,
     impl_has_work,
     prelude::*,
-    rbtree::RBTree,
     sync::{
         aref::ARef,
         atomic::{
@@ -123,6 +126,10 @@ const RUN_BATCH: u32 = 16;
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
 const RETIRE_BATCH: usize = 16;
 
+/// The slots for jobs a queue starts with ([`Submitted::slots`]); they double when they run out.
+const INITIAL_SLOTS: usize = 16;
+const _: () = assert!(INITIAL_SLOTS > 0);
+
 /// How long teardown waits for a running job when the queue has no timeout.
 const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
@@ -180,8 +187,8 @@ pub(super) struct JobNode<T: Backend> {
     pub(super) done: ProxyFence<DeadlineHook<T>>,
 }
 
-/// The submitted jobs of a queue, by the sequence numbers of their done fences.
-type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
+/// A submitted job, as the queue holds it.
+type Node<T> = Pin<KBox<JobNode<T>>>;
 
 /// The state of a queue, behind its mutex.
 ///
@@ -190,9 +197,13 @@ type JobTree<T> = RBTree<u64, Pin<KBox<JobNode<T>>>>;
 /// - `next_release <= next_run`: a job is released only after it ran (or was found not to run).
 /// - `credits_in_use <= capacity`: the sum of the credits of the jobs in
 ///   [`JobState::Running`].
+/// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
+///   holds its replacement.
 pub(super) struct Proc<T: Backend> {
     /// Every submitted job not retired yet, by the sequence number of its done fence.
-    jobs: JobTree<T>,
+    jobs: JobRing<Node<T>>,
+    /// Swapped with [`Submitted::jobs`] to take the submitted jobs.
+    intake: KVVec<Node<T>>,
     /// The first job that may still have to be run.
     next_run: u64,
     /// The first job that ran (or ended) but whose done fence was not released yet.
@@ -225,21 +236,39 @@ pub(super) struct Proc<T: Backend> {
     retire_busy: bool,
 }
 
-/// The jobs submitted since the queue's mutex was last taken, behind the submission spinlock.
+/// The jobs submitted since the queue's mutex was last taken, behind the submission spinlock,
+/// and the accounting of the slots that every job takes from its creation to its retirement.
 ///
 /// # Invariants
 ///
-/// `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
-/// once it is: the jobs of a dead queue all end with it.
+/// - `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
+///   once it is: the jobs of a dead queue all end with it.
+/// - `held <= slots`. Every [`Slot`](super::job::Slot) alive and every job in `jobs`, in
+///   `Proc::jobs` or on its way between them is counted in `held` (a retired job, until the
+///   retire work gives its slot back): so `jobs` and `Proc::jobs` together never hold more than
+///   `slots` jobs.
+/// - `jobs` has room for `slots` jobs. So has, whenever the queue's mutex is free,
+///   `Proc::jobs` if `spare` is `None`, and otherwise the slots in `spare`; its two buffers are
+///   empty.
 pub(super) struct Submitted<T: Backend> {
     /// Added to in sequence number order: the done fence's sequence number is taken with the
     /// spinlock held.
-    jobs: JobTree<T>,
+    jobs: KVVec<Node<T>>,
     closed: bool,
+    held: usize,
+    slots: usize,
+    spare: Option<SpareRoom<T>>,
+}
+
+/// Larger buffers for `Proc::jobs` and `Proc::intake`, made by [`Inner::reserve_slot`] for the
+/// next holder of the queue's mutex to install.
+struct SpareRoom<T: Backend> {
+    slots: KVVec<Option<Node<T>>>,
+    intake: KVVec<Node<T>>,
 }
 
 /// The shared part of a [`JobQueue`].
-#[pin_data]
+#[pin_data(PinnedDrop)]
 pub(super) struct Inner<T: Backend> {
     backend: T,
     name: &'static CStr,
@@ -268,6 +297,15 @@ pub(super) struct Inner<T: Backend> {
     fault_work: Work<Inner<T>, FAULT>,
     #[pin]
     deadline_work: Work<Inner<T>, DEADLINE>,
+}
+
+#[pinned_drop]
+impl<T: Backend> PinnedDrop for Inner<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // Every job gave its slot back: each `Slot` holds a reference to `self`, and teardown
+        // retired every job.
+        crate::warn_on!(self.submitted.lock().held != 0);
+    }
 }
 
 impl_has_work! {
@@ -414,7 +452,7 @@ fn wait_on<T: Backend>(cb: &mut Option<Pin<KBox<DepCallback<T>>>>, fence: ARef<D
     }
 }
 
-/// The counters of a [`Proc`], borrowed apart from its job tree.
+/// The counters of a [`Proc`], borrowed apart from its jobs.
 struct Counters<'a> {
     credits_in_use: &'a mut u32,
     waiting: &'a mut u32,
@@ -448,7 +486,7 @@ enum Step {
 }
 
 impl<T: Backend> Proc<T> {
-    fn split(&mut self) -> (&mut JobTree<T>, Counters<'_>) {
+    fn split(&mut self) -> (&mut JobRing<Node<T>>, Counters<'_>) {
         (
             &mut self.jobs,
             Counters {
@@ -481,7 +519,7 @@ impl<T: Backend> Proc<T> {
         let mut resubmit_from = None;
         let next_release = self.next_release;
         let (jobs, mut counters) = self.split();
-        for (&seqno, node) in jobs.iter_mut() {
+        for (seqno, node) in jobs.iter_mut() {
             let hw_result = match &node.state {
                 JobState::Running {
                     hw,
@@ -615,16 +653,29 @@ impl<T: Backend> Inner<T> {
 
     /// Moves the submitted jobs into `proc`, whose mutex is held.
     fn take_submitted(&self, proc: &mut Proc<T>) {
-        let mut submitted = {
+        let (mut taken, spare) = {
             let mut submitted = self.submitted.lock();
-            if submitted.jobs.is_empty() {
+            let mut spare = submitted.spare.take();
+            if submitted.jobs.is_empty() && spare.is_none() {
                 return;
             }
-            core::mem::take(&mut submitted.jobs)
+            let empty = match &mut spare {
+                Some(spare) => core::mem::take(&mut spare.intake),
+                None => core::mem::take(&mut proc.intake),
+            };
+            // INVARIANT: `empty` has room for `slots` jobs, and the ring of `spare`, if any, is
+            // `Proc::jobs`' below, before the mutex is let go.
+            (core::mem::replace(&mut submitted.jobs, empty), spare)
         };
-        while let Some(cursor) = submitted.cursor_front_mut() {
-            let (_, node) = cursor.current();
-            proc.waiting += 1;
+        // The old buffers are freed here, in the signalling section the caller may be in:
+        // freeing does not allocate.
+        if let Some(spare) = spare {
+            let replaced = proc.jobs.replace_slots(spare.slots);
+            crate::warn_on!(replaced.is_err());
+        }
+        debug_assert!(proc.jobs.len() + taken.len() <= proc.jobs.capacity());
+        let mut lost = 0;
+        for node in taken.drain_all() {
             let deps = match &node.state {
                 JobState::Waiting { deps } => deps.len(),
                 _ => 0,
@@ -634,14 +685,86 @@ impl<T: Backend> Inner<T> {
                 node.done.fence(),
                 node.credits,
                 deps,
-                proc.waiting,
+                proc.waiting + 1,
                 proc.credits_in_use,
             );
-            let (_, tree_node) = cursor.remove_current();
-            let replaced = proc.jobs.insert(tree_node);
-            // Sequence numbers are unique.
-            debug_assert!(replaced.is_none());
+            let seqno = node.done.fence().seqno();
+            // Every job holds a slot, so the ring has room (`Submitted`'s invariants), and the
+            // jobs come in sequence number order: this fails only if the accounting is wrong.
+            if let Err(node) = proc.jobs.push(seqno, node) {
+                crate::warn_on!(true);
+                // Dropping it signals its done fence with `ECANCELED`.
+                drop(node);
+                lost += 1;
+                continue;
+            }
+            proc.waiting += 1;
         }
+        if lost > 0 {
+            self.release_slots(lost);
+        }
+        // INVARIANT: Empty again, with room for the jobs of the slots as of the spinlock section
+        // above; if the slots grew since, `Submitted::spare` holds its replacement.
+        proc.intake = taken;
+    }
+
+    /// Takes a slot for a new job: room for it in [`Submitted`] and in [`Proc`], so that neither
+    /// its submission nor the queue's work allocates for it. When every slot is taken, doubles
+    /// them, without the queue's mutex: the ring is replaced the next time the mutex is taken.
+    pub(super) fn reserve_slot(&self) -> Result {
+        let mut want = {
+            let mut submitted = self.submitted.lock();
+            if submitted.held < submitted.slots {
+                submitted.held += 1;
+                return Ok(());
+            }
+            submitted.slots * 2
+        };
+        loop {
+            let mut jobs = KVVec::with_capacity(want, GFP_KERNEL)?;
+            let mut spare = Some(SpareRoom {
+                slots: JobRing::empty_slots(want, GFP_KERNEL)?,
+                intake: KVVec::with_capacity(want, GFP_KERNEL)?,
+            });
+            let mut submitted = self.submitted.lock();
+            if submitted.held < submitted.slots {
+                // Another job's creation made room meanwhile.
+                submitted.held += 1;
+                drop(submitted);
+                break;
+            }
+            if submitted.slots >= want {
+                want = submitted.slots * 2;
+                continue;
+            }
+            // `held <= slots < want`: this does not fail while the accounting is right.
+            if submitted.jobs.len() >= want {
+                drop(submitted);
+                crate::warn_on!(true);
+                return Err(ENOMEM);
+            }
+            for node in submitted.jobs.drain_all() {
+                let pushed = jobs.push_within_capacity(node);
+                debug_assert!(pushed.is_ok());
+            }
+            // INVARIANT: `jobs` and the two buffers of `spare` have room for `want` jobs, more
+            // than are held with this one.
+            core::mem::swap(&mut submitted.jobs, &mut jobs);
+            core::mem::swap(&mut submitted.spare, &mut spare);
+            submitted.slots = want;
+            submitted.held += 1;
+            drop(submitted);
+            // The old buffers, emptied: freed without the spinlock, as they may be vmalloc()ed.
+            drop(jobs);
+            drop(spare);
+            break;
+        }
+        Ok(())
+    }
+
+    /// Gives back the slots of `n` jobs, retired or dropped before their submission.
+    pub(super) fn release_slots(&self, n: usize) {
+        self.submitted.lock().held -= n;
     }
 
     /// Marks the queue dead, with its mutex held: no job is submitted from now on, and the jobs
@@ -752,7 +875,7 @@ impl<T: Backend> Inner<T> {
     /// ring has room for it.
     fn run_one(&self, proc: &mut Proc<T>) -> Step {
         let seqno = proc.next_run;
-        let Some(node) = proc.jobs.get_mut(&seqno) else {
+        let Some(node) = proc.jobs.get_mut(seqno) else {
             return Step::Blocked;
         };
         if !matches!(node.state, JobState::Waiting { .. }) {
@@ -824,7 +947,7 @@ impl<T: Backend> Inner<T> {
         // INVARIANT: `next_release` only moves up to `next_run`.
         while proc.next_release < proc.next_run {
             let seqno = proc.next_release;
-            let Some(node) = proc.jobs.get_mut(&seqno) else {
+            let Some(node) = proc.jobs.get_mut(seqno) else {
                 proc.next_release += 1;
                 continue;
             };
@@ -898,12 +1021,11 @@ impl<T: Backend> Inner<T> {
                 let mut guard = self.lock();
                 let proc = &mut *guard;
                 while taken < RETIRE_BATCH {
-                    let Some(mut cursor) = proc.jobs.cursor_front_mut() else {
+                    let Some(node) = proc.jobs.front_mut() else {
                         proc.retire_busy = false;
                         more = false;
                         break;
                     };
-                    let (_, node) = cursor.current_mut();
                     let signalled = node.done.fence().status().is_some();
                     let can_retire = signalled && !matches!(node.state, JobState::Waiting { .. });
                     if !can_retire {
@@ -917,7 +1039,7 @@ impl<T: Backend> Inner<T> {
                             }
                         }
                         let fence = this.done.fence().clone();
-                        // `cursor` is not used past this point, which ends its borrow of the tree.
+                        // `node` is not used past this point, which ends its borrow of the jobs.
                         let mut armed = false;
                         if let Some(cb) = proc.retire_cb.as_mut() {
                             if cb.as_mut().arm(fence) == Armed::RanNow {
@@ -931,8 +1053,9 @@ impl<T: Backend> Inner<T> {
                         more = false;
                         break;
                     }
-                    let (_, tree_node) = cursor.remove_current();
-                    let (_, mut node) = tree_node.to_key_value();
+                    let Some(mut node) = proc.jobs.pop_front() else {
+                        break;
+                    };
                     let (_, mut counters) = proc.split();
                     let this = node.as_mut().project();
                     counters.leave(this.state, *this.credits);
@@ -946,6 +1069,16 @@ impl<T: Backend> Inner<T> {
                     // of the lock, before the payloads go, whatever their `Drop` does (it runs on
                     // the queue's workqueue, which the run work may share).
                     self.run_locked(guard);
+                }
+            }
+            if taken > 0 {
+                self.release_slots(taken);
+                // A job submitted while this work held the lock was left to the run work, which
+                // may wait behind this work on the workqueue: hand it on before the payloads go,
+                // whatever their `Drop` waits for.
+                if !self.submitted.lock().jobs.is_empty() {
+                    let _section = SignallingSection::begin();
+                    self.run_locked(self.lock());
                 }
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
@@ -988,10 +1121,12 @@ impl<T: Backend> Inner<T> {
     /// Returns the hardware fence of the first job on the hardware that has not signalled.
     fn first_on_hardware(&self) -> Option<ARef<DmaFence>> {
         let proc = self.lock();
-        proc.jobs.iter().find_map(|(_, node)| match &node.state {
+        // Bound to a local: the iterator borrows `proc`, so it must go before the guard does.
+        let hw = proc.jobs.iter().find_map(|(_, node)| match &node.state {
             JobState::Running { hw, .. } if hw.status().is_none() => Some(hw.clone()),
             _ => None,
-        })
+        });
+        hw
     }
 
     /// Calls the cancelled hook if needed and drops a retired job, without the lock held.
@@ -1008,7 +1143,7 @@ impl<T: Backend> Inner<T> {
     /// that is not ordered the timeout work can get here first.
     fn oldest_running(proc: &Proc<T>) -> Option<(u64, Instant<Monotonic>)> {
         let mut previous_end: Option<Instant<Monotonic>> = None;
-        for (&seqno, node) in proc.jobs.iter() {
+        for (seqno, node) in proc.jobs.iter() {
             match &node.state {
                 JobState::Running { hw, started, .. } if hw.status().is_none() => {
                     let start = match previous_end {
@@ -1065,7 +1200,7 @@ impl<T: Backend> Inner<T> {
         }
         // Detach first: the backend may signal the hardware fences while it resets the ring.
         proc.detach_running();
-        let Some(node) = proc.jobs.get_mut(&seqno) else {
+        let Some(node) = proc.jobs.get_mut(seqno) else {
             return;
         };
         let action = self.backend.timed_out(JobRef::new(node.as_mut()));
@@ -1207,6 +1342,10 @@ impl<T: Backend> JobQueue<T> {
             None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
         let inner_wq = wq.clone();
+        let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
+        let intake = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
+        let submitted = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
+        // INVARIANT: No slot is held, and the three have room for `INITIAL_SLOTS` jobs.
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 backend,
@@ -1220,7 +1359,8 @@ impl<T: Backend> JobQueue<T> {
                 wq: inner_wq,
                 domain,
                 proc <- Mutex::new(Proc {
-                    jobs: RBTree::new(),
+                    jobs: ring,
+                    intake,
                     next_run: 1,
                     next_release: 1,
                     last_released: None,
@@ -1239,8 +1379,11 @@ impl<T: Backend> JobQueue<T> {
                     retire_busy: false,
                 }, PROC_LOCK_NAME, proc_lock_class()),
                 submitted <- SpinLock::new(Submitted {
-                    jobs: RBTree::new(),
+                    jobs: submitted,
                     closed: false,
+                    held: 0,
+                    slots: INITIAL_SLOTS,
+                    spare: None,
                 }, SUBMIT_LOCK_NAME, submit_lock_class()),
                 run_work <- Work::new(RUN_WORK_NAME, run_work_class()),
                 retire_work <- Work::new(RETIRE_WORK_NAME, retire_work_class()),
@@ -1296,7 +1439,7 @@ impl<T: Backend> JobQueue<T> {
     /// moment, and by the run work otherwise, so call this without locks that [`Backend::run`]
     /// takes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
-        if !Arc::ptr_eq(&job.queue, &self.inner) {
+        if !Arc::ptr_eq(job.slot.queue(), &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
         }
         let mut submitted = self.inner.submitted.lock();
@@ -1304,15 +1447,23 @@ impl<T: Backend> JobQueue<T> {
             drop(submitted);
             return Err(SubmitError { error: ENODEV, job });
         }
+        if submitted.jobs.len() >= submitted.jobs.capacity() {
+            // The job's slot is room in `jobs` (`Submitted`'s invariants): only a wrong
+            // accounting gets here.
+            drop(submitted);
+            crate::warn_on!(true);
+            return Err(SubmitError { error: ENOMEM, job });
+        }
         let Job {
-            queue: _,
+            slot,
             credits,
             payload,
             mut deps,
             fence,
             node,
-            reservation,
         } = job;
+        // The job keeps its slot until it is retired.
+        slot.keep();
         // Point of no return: the done fence exists from here on.
         let own = self.inner.fence_ctx.context();
         let pipeline_own = self.inner.pipeline_own;
@@ -1335,7 +1486,9 @@ impl<T: Backend> JobQueue<T> {
             ),
         });
         let Ok(node) = KBox::write_pin_init(node, init);
-        submitted.jobs.insert(reservation.into_node(seqno, node));
+        // Room was checked above, with the spinlock held.
+        let pushed = submitted.jobs.push_within_capacity(node);
+        debug_assert!(pushed.is_ok());
         drop(submitted);
         self.inner.run_submitted(seqno);
         Ok(done_ref)
@@ -1587,14 +1740,13 @@ impl<T: Backend> Drop for JobQueue<T> {
         loop {
             let node = {
                 let mut proc = inner.lock();
-                let Some(cursor) = proc.jobs.cursor_front_mut() else {
+                let Some(node) = proc.jobs.pop_front() else {
                     break;
                 };
-                let (_, tree_node) = cursor.remove_current();
-                let node = tree_node.to_key_value().1;
                 trace::job_done(node.done.fence());
                 node
             };
+            inner.release_slots(1);
             inner.drop_job(node);
         }
         inner.run_work.flush();
@@ -1821,7 +1973,7 @@ impl<T: Backend> ResetDomain<T> {
             let mut guard = guilty.lock();
             let proc = &mut *guard;
             let dying = proc.dead || proc.dying;
-            match proc.jobs.get_mut(&seqno) {
+            match proc.jobs.get_mut(seqno) {
                 // Still on the hardware and not done: the backend decides.
                 Some(node)
                     if !dying
