@@ -207,6 +207,11 @@ pub fn gfp_kernel_can_fail() -> bool {
 /// any case, a `GFP_KERNEL` one only where [`gfp_kernel_can_fail`], and a failure uses the counter
 /// up. Returns `EINVAL` if not.
 ///
+/// Where `GFP_KERNEL` allocations cannot fail, the slab allocator may still make a nested
+/// allocation that can (refilling a per-CPU cache, for example), which uses the counter up
+/// while the allocation itself succeeds: [`sweep`] counts such a point as absorbed, and so does
+/// this check.
+///
 /// Needs failslab (`CONFIG_FAILSLAB`).
 ///
 /// # Examples
@@ -220,6 +225,8 @@ pub fn gfp_kernel_can_fail() -> bool {
 /// # Ok::<(), Error>(())
 /// ```
 pub fn check_fail_nth() -> Result {
+    // The cache of the probes warmed up first, so that the probes take its fast path.
+    drop(KBox::new(0u64, GFP_KERNEL)?);
     let mut fail = FailNth::arm(1);
     let nowait = KBox::new(0u64, GFP_NOWAIT).is_err();
     let nowait_fired = fail.disarm();
@@ -227,7 +234,7 @@ pub fn check_fail_nth() -> Result {
     let gfp_kernel = KBox::new(0u64, GFP_KERNEL).is_err();
     let gfp_kernel_fired = fail.disarm();
     match (nowait, nowait_fired, gfp_kernel, gfp_kernel_fired) {
-        (true, true, true, true) | (true, true, false, false) => Ok(()),
+        (true, true, true, true) | (true, true, false, _) => Ok(()),
         _ => Err(EINVAL),
     }
 }
