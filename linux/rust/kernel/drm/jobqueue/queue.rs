@@ -1252,8 +1252,10 @@ impl<T: Backend> Inner<T> {
             proc.recover(recovery, guilty);
             proc.stopped -= 1;
             proc.unpause_timeout();
+            // With the lock held: once it goes, any holder may run the recovered jobs, and a
+            // trace must show the start before their runs.
+            trace::queue_start(self.name, self.fence_ctx.context(), recovery);
         }
-        trace::queue_start(self.name, self.fence_ctx.context(), recovery);
         self.kick_run();
         self.kick_retire();
         // Deadlines set while the queue was stopped.
