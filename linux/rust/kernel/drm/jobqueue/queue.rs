@@ -1193,8 +1193,8 @@ impl<T: Backend> Inner<T> {
         if let Some((domain, mut members)) = domain {
             // Stopped before the lock goes: nothing reruns or ends the job meanwhile.
             proc.stop();
-            drop(guard);
             trace::queue_stop(self.name, self.fence_ctx.context());
+            drop(guard);
             domain.timed_out(&mut members, self, seqno);
             return;
         }
@@ -1218,8 +1218,9 @@ impl<T: Backend> Inner<T> {
                 proc.stopped += 1;
                 proc.pause_timeout();
                 proc.reset_guilty = Some(seqno);
-                drop(guard);
+                // With the lock held, as the start: `reset_done` may run as soon as it goes.
                 trace::queue_stop(self.name, self.fence_ctx.context());
+                drop(guard);
                 return;
             }
             TimeoutAction::DeviceGone => {
@@ -1239,7 +1240,8 @@ impl<T: Backend> Inner<T> {
 
     /// Stops the queue, as [`JobQueue::stop`] does.
     fn stop(&self) {
-        self.lock().stop();
+        let mut proc = self.lock();
+        proc.stop();
         trace::queue_stop(self.name, self.fence_ctx.context());
     }
 
