@@ -1697,7 +1697,9 @@ mod tests {
         let mut a = f.job(1, Delta::from_secs(1))?;
         a.payload_mut().deadline_base = Some(base);
         let done_a = f.queue().submit(a)?;
-        let mut b = f.job(1, us(10))?;
+        // Long enough to be still on the hardware when `run` returns: a job the hardware
+        // finished before that never runs for the queue, and is told nothing.
+        let mut b = f.job(1, Delta::from_millis(50))?;
         b.payload_mut().deadline_base = Some(base);
         let done_b = f.queue().submit(b)?;
         wait_runs(&f, 1);
