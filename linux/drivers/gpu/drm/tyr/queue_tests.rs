@@ -1189,7 +1189,7 @@ mod fault_tests {
         let mut sync_only = call(0);
         sync_only.stream_size = 0;
         // Allocations: the sync operations, the hardware fence's memory (not for sync-only
-        // jobs) and the job queue's three.
+        // jobs) and the job queue's two (the done fence's memory and the job's node).
         for (name, args) in [
             ("Queue::new_job", call(CS_ADDR)),
             ("Queue::new_job sync-only", sync_only),
@@ -1287,8 +1287,15 @@ mod fault_tests {
                 still_works(&f, 2, refs)
             },
         )?;
-        // At least the two arrays and the three jobs (four each).
-        assert!(s.enomem >= 2 + 3 * 4);
+        // The batch makes 16 allocations: the two arrays of the batch; each job's three (the
+        // hardware fence's memory and the job queue's two, its ring has room to spare); the
+        // signal lists of jobs 0 and 2; job 1's list of earlier jobs it waits for, its
+        // dependency on the syncobj and the room reserved for the one on job 0. The sweep fails
+        // each once unless a failure point outside this code that only some iterations have
+        // (a nested allocation whose need varies) shifts the numbering: one run counted 15
+        // ENOMEM in 32 points. Every point was checked above either way; this asserts that the
+        // sweep reached at least the arrays and the jobs.
+        assert!(s.enomem >= 2 + 3 * 3);
         Ok(())
     }
 
