@@ -625,6 +625,31 @@ impl Fixture {
         Ok(self.queue.submit(self.job(1, duration)?)?)
     }
 
+    /// Submits a job whose `run` waits for the returned gate, and returns once it waits there,
+    /// with the queue's mutex held, in the run work: the job waited for a dependency, so the
+    /// submitter did not run it. Returns the job's done fence and the gate.
+    fn submit_gated(&self) -> Result<(ARef<DmaFence>, Arc<Atomic<bool>>)> {
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"gated-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
+        let mut first = MockJob::new(&self.stats, us(10))?;
+        first.run_gate = Some(gate.clone());
+        let mut job = self.queue.new_job(1, first)?;
+        job.add_dependency(dep.to_aref())?;
+        let done = self.queue.submit(job)?;
+        dep.signal(Ok(()));
+        let mut tries = 0;
+        while Stats::get(&self.stats.gated_runs) == 0 && tries < 10_000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        if Stats::get(&self.stats.gated_runs) != 1 {
+            gate.store(true, ordering::Release);
+            return Err(ETIMEDOUT);
+        }
+        Ok((done, gate))
+    }
+
     /// Drops the queue; the ring and the counters stay for checks.
     fn teardown(self) -> (RingGuard, Arc<Stats>) {
         let Fixture { queue, ring, stats } = self;
@@ -1031,23 +1056,7 @@ mod tests {
     #[test]
     fn submit_never_waits_for_the_queue() -> Result {
         let f = Fixture::new(c"no_wait", 4, None)?;
-        let ctx = FenceContext::new(c"jobqueue_kunit", c"no-wait-dep");
-        let dep = ctx.new_fence(GFP_KERNEL)?;
-        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
-        let mut first = MockJob::new(&f.stats, us(20))?;
-        first.run_gate = Some(gate.clone());
-        let mut job = f.queue.new_job(1, first)?;
-        job.add_dependency(dep.to_aref())?;
-        let done_first = f.queue.submit(job)?;
-        // The run work hands the first job on when `dep` signals; its `run` then waits for the
-        // gate with the queue's lock held.
-        dep.signal(Ok(()));
-        let mut tries = 0;
-        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
-            fsleep(us(1000));
-            tries += 1;
-        }
-        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        let (done_first, gate) = f.submit_gated()?;
         // Returns at once, although the queue is busy in `run`: the run work hands the job on.
         let done_second = f.submit_simple(us(20))?;
         gate.store(true, ordering::Release);
@@ -1068,24 +1077,9 @@ mod tests {
         // waits: the submitted jobs pile up behind the spinlock, and the slots double three times
         // before the ring can take the larger ones. Every job still runs once, in order.
         let f = Fixture::new(c"slots", 4, None)?;
-        let ctx = FenceContext::new(c"jobqueue_kunit", c"slots-dep");
-        let dep = ctx.new_fence(GFP_KERNEL)?;
-        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
-        let mut first = MockJob::new(&f.stats, us(10))?;
-        first.run_gate = Some(gate.clone());
-        let mut job = f.queue.new_job(1, first)?;
-        job.add_dependency(dep.to_aref())?;
+        let (first, gate) = f.submit_gated()?;
         let mut dones = KVec::new();
-        dones.push(f.queue.submit(job)?, GFP_KERNEL)?;
-        // The run work hands the first job on when `dep` signals; its `run` then waits for the
-        // gate with the queue's mutex held.
-        dep.signal(Ok(()));
-        let mut tries = 0;
-        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
-            fsleep(us(1000));
-            tries += 1;
-        }
-        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        dones.push(first, GFP_KERNEL)?;
         let mut held = KVec::new();
         for i in 0..150 {
             let job = f.job(1, us(10))?;

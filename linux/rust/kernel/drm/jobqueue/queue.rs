@@ -1072,13 +1072,16 @@ impl<T: Backend> Inner<T> {
                 }
             }
             if taken > 0 {
-                self.release_slots(taken);
+                let submitted_meanwhile = {
+                    let mut submitted = self.submitted.lock();
+                    submitted.held -= taken;
+                    !submitted.jobs.is_empty()
+                };
                 // A job submitted while this work held the lock was left to the run work, which
                 // may wait behind this work on the workqueue: hand it on before the payloads go,
                 // whatever their `Drop` waits for.
-                if !self.submitted.lock().jobs.is_empty() {
-                    let _section = SignallingSection::begin();
-                    self.run_locked(self.lock());
+                if submitted_meanwhile {
+                    self.run_jobs();
                 }
             }
             for node in batch.iter_mut().take(taken).filter_map(Option::take) {
