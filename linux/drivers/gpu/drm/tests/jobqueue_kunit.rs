@@ -1985,8 +1985,9 @@ mod tests {
         let mut instant = f.job(1, us(10))?;
         instant.payload_mut().signalled_hw = Some(Ok(()));
         let completed = f.queue().submit(instant)?;
-        // Torn down while the slow job runs and the failed one waits for its turn.
-        wait_runs(&f, 2);
+        // Torn down once the run work ran all three, while the slow job runs and the other two
+        // wait for their turn to signal.
+        wait_runs(&f, 3);
         let mut order = OrderWatch::new()?;
         for fence in [&slow, &failed, &completed] {
             order.watch(fence)?;

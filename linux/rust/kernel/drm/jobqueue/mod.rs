@@ -204,9 +204,9 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 ///
 /// [`Backend::run`], [`Backend::timed_out`] and [`Backend::deadline`] are called from the
 /// queue's work items ([`Backend::run`] also from [`JobQueue::submit`] in the submitter's context
-/// when the job is next in line and no other thread is in the queue), in process context, one at
-/// a time per queue, with the queue's internal lock held (and its [`ResetDomain`]'s, for
-/// [`Backend::timed_out`] in a domain) and inside a fence signalling critical section
+/// while the retire work drops payloads), in process context, one at a time per queue, with the
+/// queue's internal lock held (and its [`ResetDomain`]'s, for [`Backend::timed_out`] in a domain)
+/// and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue (stop,
 /// drop, stats: the queues' locks share one lock class, so lockdep reports it as recursive

@@ -8,8 +8,8 @@
 //! teardown take it, always through [`Inner::lock`]; the backend's `run` and `timed_out` are
 //! called with it held. [`JobQueue::submit`] never waits for it: it adds the job to
 //! [`Submitted`], behind a spinlock that covers only the job's own set-up (its done fence, the
-//! check of its dependencies), and then only *tries* the mutex to hand the job on itself; if
-//! another thread holds the mutex, the run work does it.
+//! check of its dependencies), and kicks the run work, which hands the job on; only while the
+//! retire work drops payloads does it *try* the mutex to hand the job on itself.
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
 //! holder sees every submitted job. Both keep their jobs in buffers with a slot for every job
 //! alive ([`JobRing`] in [`Proc`]): a job takes its slot when it is created
@@ -261,6 +261,9 @@ pub(super) struct Submitted<T: Backend> {
     /// spinlock held.
     jobs: KVVec<Node<T>>,
     closed: bool,
+    /// The retire work is dropping the payloads of retired jobs, whose `Drop` may wait for a job
+    /// submitted meanwhile: its submitter hands it on itself ([`Inner::run_submitted`]).
+    dropping: bool,
     held: usize,
     slots: usize,
     spare: Option<SpareRoom<T>>,
@@ -817,6 +820,10 @@ impl<T: Backend> Inner<T> {
     /// Hands the job just submitted, `seqno`, to the hardware if it is next in line and no other
     /// thread holds the mutex; otherwise leaves it to the run work, so that the submitter never
     /// waits for the retire work or for another submitter.
+    ///
+    /// For a job submitted while the retire work drops payloads ([`Submitted::dropping`]): the run
+    /// work waits behind the retire work on the queue's workqueue, and a payload's drop may wait
+    /// for this job.
     fn run_submitted(self: &Arc<Self>, seqno: u64) {
         let _section = SignallingSection::begin();
         let Some(mut guard) = self.proc.try_lock() else {
@@ -1081,17 +1088,20 @@ impl<T: Backend> Inner<T> {
                 let submitted_meanwhile = {
                     let mut submitted = self.submitted.lock();
                     submitted.held -= taken;
+                    submitted.dropping = true;
                     !submitted.jobs.is_empty()
                 };
-                // A job submitted while this work held the lock was left to the run work, which
-                // may wait behind this work on the workqueue: hand it on before the payloads go,
-                // whatever their `Drop` waits for.
+                // The run work waits behind this work on the workqueue, and the payloads'
+                // `Drop` may wait for any job: hand on before they go the jobs submitted while
+                // this work held the lock, and leave those submitted from now on to their
+                // submitters.
                 if submitted_meanwhile {
                     self.run_jobs();
                 }
-            }
-            for node in batch.iter_mut().take(taken).filter_map(Option::take) {
-                self.drop_job(node);
+                for node in batch.iter_mut().take(taken).filter_map(Option::take) {
+                    self.drop_job(node);
+                }
+                self.submitted.lock().dropping = false;
             }
         }
     }
@@ -1394,6 +1404,7 @@ impl<T: Backend> JobQueue<T> {
                 submitted <- SpinLock::new(Submitted {
                     jobs: submitted,
                     closed: false,
+                    dropping: false,
                     held: 0,
                     slots: INITIAL_SLOTS,
                     spare: None,
@@ -1447,10 +1458,11 @@ impl<T: Backend> JobQueue<T> {
     /// Fails only before anything happened, handing the job back: with `EINVAL` if the job was
     /// created by another queue, with `ENODEV` if the device is gone. Past that point it cannot
     /// fail and does not allocate; the done fence signals exactly once. Jobs queue up while the
-    /// queue is stopped. Never waits for the queue's other paths: a job that is next in line and
-    /// ready is handed to [`Backend::run`] from here if no other thread is in the queue at that
-    /// moment, and by the run work otherwise, so call this without locks that [`Backend::run`]
-    /// takes.
+    /// queue is stopped. Never waits for the queue's other paths: the run work hands the job to
+    /// [`Backend::run`] when its turn comes. While the retire work drops payloads, which may wait
+    /// for this job, the run work waits behind it: then a job that is next in line and ready is
+    /// handed to [`Backend::run`] from here if no other thread is in the queue at that moment. So
+    /// call this without locks that [`Backend::run`] takes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
         if !Arc::ptr_eq(job.slot.queue(), &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
@@ -1502,8 +1514,15 @@ impl<T: Backend> JobQueue<T> {
         // Room was checked above, with the spinlock held.
         let pushed = submitted.jobs.push_within_capacity(node);
         debug_assert!(pushed.is_ok());
+        let hand_on = submitted.dropping;
         drop(submitted);
-        self.inner.run_submitted(seqno);
+        if hand_on {
+            self.inner.run_submitted(seqno);
+        } else {
+            // The run work takes the job in, even if a holder of the mutex is past its last look
+            // at `submitted`: a work item that is running is queued again.
+            self.inner.kick_run();
+        }
         Ok(done_ref)
     }
 
@@ -1528,6 +1547,7 @@ impl<T: Backend> JobQueue<T> {
     /// # struct Ring {
     /// #     hw: FenceContext,
     /// #     last: Arc<SpinLock<Option<UniqueFence>>>,
+    /// #     ran: Arc<Completion>,
     /// #     reset_asked: Arc<Completion>,
     /// # }
     /// # impl Backend for Ring {
@@ -1536,6 +1556,7 @@ impl<T: Backend> JobQueue<T> {
     /// #         let fence = self.hw.new_fence(GFP_NOWAIT)?;
     /// #         let hw = fence.to_aref();
     /// #         *self.last.lock() = Some(fence);
+    /// #         self.ran.complete_all();
     /// #         Ok(hw)
     /// #     }
     /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
@@ -1551,15 +1572,18 @@ impl<T: Backend> JobQueue<T> {
     /// #     }
     /// # }
     /// # let last = Arc::pin_init(new_spinlock!(None), GFP_KERNEL)?;
+    /// # let ran = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
     /// # let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
     /// # let ring = Ring {
     /// #     hw: FenceContext::new(c"example", c"ring0-hw"),
     /// #     last: last.clone(),
+    /// #     ran: ran.clone(),
     /// #     reset_asked: reset_asked.clone(),
     /// # };
     /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
-    /// // Next in line, with nothing else in the queue: `submit` hands it to `Backend::run`.
     /// let done = queue.submit(queue.new_job(1, ())?)?;
+    /// // The run work hands the job to `Backend::run`, which writes it to the ring.
+    /// ran.wait_for_completion();
     ///
     /// let stopped = queue.stop();
     /// // The reset signals the lost job's hardware fence with an error: the stopped queue
@@ -1603,6 +1627,7 @@ impl<T: Backend> JobQueue<T> {
     /// # struct Ring {
     /// #     hw: FenceContext,
     /// #     last: Arc<SpinLock<Option<UniqueFence>>>,
+    /// #     ran: Arc<Completion>,
     /// #     reset_asked: Arc<Completion>,
     /// # }
     /// # impl Backend for Ring {
@@ -1611,6 +1636,7 @@ impl<T: Backend> JobQueue<T> {
     /// #         let fence = self.hw.new_fence(GFP_NOWAIT)?;
     /// #         let hw = fence.to_aref();
     /// #         *self.last.lock() = Some(fence);
+    /// #         self.ran.complete_all();
     /// #         Ok(hw)
     /// #     }
     /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
@@ -1626,15 +1652,18 @@ impl<T: Backend> JobQueue<T> {
     /// #     }
     /// # }
     /// # let last = Arc::pin_init(new_spinlock!(None), GFP_KERNEL)?;
+    /// # let ran = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
     /// # let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
     /// # let ring = Ring {
     /// #     hw: FenceContext::new(c"example", c"ring0-hw"),
     /// #     last: last.clone(),
+    /// #     ran: ran.clone(),
     /// #     reset_asked: reset_asked.clone(),
     /// # };
     /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
-    /// // Next in line, with nothing else in the queue: `submit` hands it to `Backend::run`.
     /// let done = queue.submit(queue.new_job(1, ())?)?;
+    /// // The run work hands the job to `Backend::run`, which writes it to the ring.
+    /// ran.wait_for_completion();
     ///
     /// // The oldest job on the ring times out now, from the queue's work.
     /// queue.fault();
