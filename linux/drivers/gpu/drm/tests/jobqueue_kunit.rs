@@ -17,6 +17,8 @@ use kernel::{
         FenceContext,
         FenceWorkqueue,
         NestedFenceContext,
+        NoHook,
+        ProxyFence,
         UniqueFence, //
     },
     drm::jobqueue::{
@@ -395,6 +397,8 @@ struct MockJob {
     /// `run` waits (sleeping, for at most five seconds) until this is set, with the queue's lock
     /// held, as a backend might for a firmware doorbell.
     run_gate: Option<Arc<Atomic<bool>>>,
+    /// The hardware fence `run` returns instead of one of the ring's: the test signals it.
+    external_hw: Option<ARef<DmaFence>>,
 }
 
 impl MockJob {
@@ -416,6 +420,7 @@ impl MockJob {
             hw: None,
             deadline_base: None,
             run_gate: None,
+            external_hw: None,
         })
     }
 }
@@ -482,6 +487,9 @@ impl Backend for MockBackend {
         }
         if let Some(e) = job.run_error {
             return Err(e);
+        }
+        if let Some(hw) = job.external_hw.take() {
+            return Ok(hw);
         }
         let alloc = match job.hw_alloc.take() {
             Some(alloc) => alloc,
@@ -596,6 +604,16 @@ impl Fixture {
 
     /// A queue made with `options` on a ring of `slots` jobs.
     fn build(options: QueueOptions, slots: usize, on_timeout: TimeoutAction) -> Result<Self> {
+        Self::build_in(options, slots, on_timeout, None)
+    }
+
+    /// [`Self::build`], in `domain` if there is one.
+    fn build_in(
+        options: QueueOptions,
+        slots: usize,
+        on_timeout: TimeoutAction,
+        domain: Option<&Arc<ResetDomain<MockBackend>>>,
+    ) -> Result<Self> {
         let ring = MockRing::new(slots)?;
         let stats = Stats::new()?;
         let backend = MockBackend {
@@ -604,7 +622,10 @@ impl Fixture {
             on_timeout,
             peers: KVec::new(),
         };
-        let queue = JobQueue::new(backend, options)?;
+        let queue = match domain {
+            Some(domain) => JobQueue::new_in_domain(backend, options, domain)?,
+            None => JobQueue::new(backend, options)?,
+        };
         Ok(Self {
             queue,
             ring: RingGuard(ring),
@@ -746,6 +767,70 @@ impl WorkItem for Submitter {
         }
         *this.last.lock() = previous;
     }
+}
+
+/// A work item that holds up the ordered workqueue it runs on until the test opens it: the work
+/// queued behind it waits.
+#[pin_data]
+struct Blocker {
+    #[pin]
+    work: Work<Blocker>,
+    running: Atomic<bool>,
+    open: Atomic<bool>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for Blocker { self.work }
+}
+
+impl Blocker {
+    /// Queues a blocker on `wq` and returns once it runs there.
+    fn block(wq: &FenceWorkqueue) -> Result<Arc<Self>> {
+        let blocker = Arc::pin_init(
+            pin_init!(Blocker {
+                work <- new_work!("jobqueue_kunit::Blocker"),
+                running: Atomic::new(false),
+                open: Atomic::new(false),
+            }),
+            GFP_KERNEL,
+        )?;
+        let _ = wq.enqueue(blocker.clone());
+        let mut tries = 0;
+        while !blocker.running.load(ordering::Acquire) && tries < 10_000 {
+            fsleep(us(200));
+            tries += 1;
+        }
+        if !blocker.running.load(ordering::Acquire) {
+            blocker.open();
+            return Err(ETIMEDOUT);
+        }
+        Ok(blocker)
+    }
+
+    fn open(&self) {
+        self.open.store(true, ordering::Release);
+    }
+}
+
+impl WorkItem for Blocker {
+    type Pointer = Arc<Blocker>;
+
+    fn run(this: Arc<Blocker>) {
+        this.running.store(true, ordering::Release);
+        // Bounded, so that a failing test does not hang the workqueue for good.
+        let start = Instant::<Monotonic>::now();
+        while !this.open.load(ordering::Acquire) && start.elapsed() < Delta::from_secs(10) {
+            fsleep(us(500));
+        }
+    }
+}
+
+/// A fence above the done fences' nesting level, for a payload's drop to wait for: it follows
+/// the done fence of a job submitted later.
+fn fence_to_follow() -> Result<Pin<KBox<ProxyFence<NoHook>>>> {
+    let ctx = NestedFenceContext::new(c"jobqueue_kunit", c"follow", 2)?;
+    let fence = ctx.new_fence(GFP_KERNEL)?;
+    Ok(KBox::pin_init(ProxyFence::new(fence), GFP_KERNEL)?)
 }
 
 /// A C fence callback that records when its fence signalled, relative to the others of an
@@ -1927,26 +2012,89 @@ mod tests {
         let f = Fixture::new(c"credit-drop", 1, None)?;
         let mut first = f.job(1, us(100))?;
         let second = f.job(1, us(100))?;
-        // Above the done fences' level, so that it can follow one.
-        let gate_ctx = NestedFenceContext::new(c"jobqueue_kunit", c"credit-gate", 2)?;
-        let gate = gate_ctx.new_fence(GFP_KERNEL)?;
-        // The first payload's drop waits for the second job's done fence: it gets it through
-        // the gate's proxy once the second job is submitted.
-        let mut proxy = KBox::pin_init(kernel::dma_fence::ProxyFence::new(gate), GFP_KERNEL)?;
+        // The first payload's drop waits for the second job's done fence.
+        let mut proxy = fence_to_follow()?;
         first.payload_mut().wait_on_drop = Some(proxy.fence().clone());
         let a = f.queue().submit(first)?;
         let b = f.queue().submit(second)?;
         proxy.as_mut().follow(b.clone())?;
         wait(&a)?;
         wait(&b)?;
-        let mut tries = 0;
-        while Stats::get(&f.stats.dropped) < 2 && tries < 2000 {
-            fsleep(us(1000));
-            tries += 1;
-        }
+        wait_count(&f.stats.dropped, 2);
         assert_eq!(Stats::get(&f.stats.drop_wait_failed), 0);
         assert_eq!(b.status(), Some(Ok(())));
         drop(proxy);
+        Ok(())
+    }
+
+    /// Submits to `f`, whose queue runs on `wq`, a job whose payload's drop waits for the done
+    /// fence `later` returns, and makes the retire work that drops it come on `wq` before the
+    /// run work that hands on the jobs `later` submits. Returns whether the drop's wait
+    /// succeeded.
+    fn drop_waits_for(
+        f: &Fixture,
+        wq: &FenceWorkqueue,
+        later: impl FnOnce() -> Result<ARef<DmaFence>>,
+    ) -> Result<bool> {
+        let hw_ctx = FenceContext::new(c"jobqueue_kunit", c"drop-wait-hw");
+        let hw = hw_ctx.new_fence(GFP_KERNEL)?;
+        let mut proxy = fence_to_follow()?;
+        let mut first = f.job(1, us(10))?;
+        first.payload_mut().external_hw = Some(hw.to_aref());
+        first.payload_mut().wait_on_drop = Some(proxy.fence().clone());
+        let first = f.queue().submit(first)?;
+        wait_runs(f, 1);
+        // The retire work has armed its callback on the first job's done fence.
+        wq.flush();
+        let blocker = Blocker::block(wq)?;
+        // The first job's end queues the retire work behind the blocker, the submissions queue
+        // the run work behind it.
+        hw.signal(Ok(()));
+        let last = later()?;
+        proxy.as_mut().follow(last.clone())?;
+        blocker.open();
+        wait(&first)?;
+        wait(&last)?;
+        let dropped = Stats::get(&f.stats.dropped);
+        wait_count(&f.stats.dropped, dropped + 1);
+        Ok(Stats::get(&f.stats.drop_wait_failed) == 0)
+    }
+
+    /// A payload's drop that waits for a later job of its queue does not wait behind the run
+    /// work, even when the retire work that drops it finds more jobs to hand on than one run of
+    /// the queue hands on (16).
+    #[test]
+    fn payload_drop_waits_for_a_job_past_one_batch() -> Result {
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_drop")?, GFP_KERNEL)?;
+        let mut options = QueueOptions::new(c"jobqueue_kunit", c"drop-batch", 64, None);
+        options.workqueue = Some(wq.clone());
+        let f = Fixture::build(options, 64, TimeoutAction::Reset(Recovery::Resubmit))?;
+        let waited = drop_waits_for(&f, &wq, || {
+            let mut last = f.submit_simple(us(10))?;
+            for _ in 1..32 {
+                last = f.submit_simple(us(10))?;
+            }
+            Ok(last)
+        })?;
+        assert!(waited);
+        assert_eq!(Stats::get(&f.stats.runs), 33);
+        Ok(())
+    }
+
+    /// A payload's drop that waits for a job of another queue on the same ordered workqueue
+    /// does not wait behind that queue's run work.
+    #[test]
+    fn payload_drop_waits_for_a_job_of_a_queue_on_the_same_workqueue() -> Result {
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_drop")?, GFP_KERNEL)?;
+        let build = |name| {
+            let mut options = QueueOptions::new(c"jobqueue_kunit", name, 4, None);
+            options.workqueue = Some(wq.clone());
+            Fixture::build(options, 4, TimeoutAction::Reset(Recovery::Resubmit))
+        };
+        let first = build(c"drop-shared-0")?;
+        let second = build(c"drop-shared-1")?;
+        let waited = drop_waits_for(&first, &wq, || second.submit_simple(us(10)))?;
+        assert!(waited);
         Ok(())
     }
 
@@ -2053,30 +2201,33 @@ mod tests {
         Ok(())
     }
 
-    /// Defect 10: on a workqueue that is not ordered the timeout work can run before the retire
-    /// work; it must not judge the new oldest job by when it was handed to the ring.
+    /// Defect 10: the timeout work can run before the retire work (on a workqueue that is not
+    /// ordered, or the reset domain's); it must not judge the new oldest job by when it was
+    /// handed to the ring.
     #[test]
     fn stale_start_on_unordered_workqueue() -> Result {
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_stale")?, GFP_KERNEL)?;
+        let domain = ResetDomain::new(c"jq-kunit-stale")?;
         let mut options = QueueOptions::new(
             c"jobqueue_kunit",
-            c"unordered",
+            c"stale-start",
             4,
             Some(Delta::from_millis(200)),
         );
-        options.workqueue = Some(Arc::new(
-            FenceWorkqueue::new_unbound(c"jobqueue_kunit_unordered")?,
-            GFP_KERNEL,
-        )?);
-        let f = Fixture::build(options, 4, TimeoutAction::Reset(Recovery::Resubmit))?;
-        // The first job's drop keeps the retire work busy past the timeout.
-        let mut first = f.job(1, us(10))?;
-        first.payload_mut().drop_sleep = Some(Delta::from_millis(300));
-        let first = f.queue().submit(first)?;
-        wait(&first)?;
+        options.workqueue = Some(wq.clone());
+        let action = TimeoutAction::Reset(Recovery::Resubmit);
+        let f = Fixture::build_in(options, 4, action, Some(&domain))?;
+        // Both on the ring at once: `b` runs from when `a` ends, 150 ms on, to 250 ms.
         let a = f.submit_simple(Delta::from_millis(150))?;
         let b = f.submit_simple(Delta::from_millis(100))?;
+        wait_runs(&f, 2);
+        // The retire work has armed its callback on `a`'s done fence; when `a` ends, it waits
+        // behind the blocker, and the timeout work, on the domain's workqueue, comes first.
+        wq.flush();
+        let blocker = Blocker::block(&wq)?;
         wait(&a)?;
         wait(&b)?;
+        blocker.open();
         assert_eq!(b.status(), Some(Ok(())));
         assert_eq!(Stats::get(&f.stats.timeouts), 0);
         Ok(())

@@ -55,10 +55,12 @@
 //!   device is gone) or the backend gave it up (a timeout, a reset). Done fences of a queue
 //!   signal in submission order. A job that ends without the hardware does not hold back the
 //!   jobs behind it from running, only their done fences.
-//! - The driver's payload is dropped in process context only, by the queue's retire work or by
-//!   the thread that drops the queue, after the job finished and after the credits it took are
-//!   back and handed on: its `Drop` may sleep, but must not wait for fences (the queue's work
-//!   waits for it).
+//! - The driver's payload is dropped in process context only, after the job finished and after
+//!   the credits it took are back and handed on: by the queue's drop work, on the system's
+//!   default workqueue (`system_dfl_wq`), one at a time per queue, or by the thread that drops
+//!   the queue. Nothing that runs jobs or signals their done fences waits for it, so its `Drop`
+//!   may sleep, allocate and wait for fences, those of later jobs of its own queue included (a
+//!   buffer's drop may wait for them through reclaim). It must not drop its queue.
 //!
 //! # What the hardware may still use
 //!
@@ -203,8 +205,7 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 /// What a driver provides to run the jobs of a [`JobQueue`].
 ///
 /// [`Backend::run`], [`Backend::timed_out`] and [`Backend::deadline`] are called from the
-/// queue's work items ([`Backend::run`] also from [`JobQueue::submit`] in the submitter's context
-/// while the retire work drops payloads), in process context, one at a time per queue, with the
+/// queue's work items, in process context, one at a time per queue, with the
 /// queue's internal lock held (and its [`ResetDomain`]'s, for [`Backend::timed_out`] in a domain)
 /// and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
@@ -215,7 +216,8 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///
-    /// Dropped in process context, after the job finished; its `Drop` may sleep.
+    /// Dropped in process context, after the job finished; its `Drop` may sleep and wait for
+    /// fences (see the [module documentation](self)).
     type Job: Send + 'static;
 
     /// Hands `job` to the hardware and returns the fence the hardware signals when the job is

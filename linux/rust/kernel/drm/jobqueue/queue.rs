@@ -6,15 +6,16 @@
 //!
 //! All state is in [`Proc`], behind the queue's mutex. The work items, [`JobQueue::stop`] and
 //! teardown take it, always through [`Inner::lock`]; the backend's `run` and `timed_out` are
-//! called with it held. [`JobQueue::submit`] never waits for it: it adds the job to
+//! called with it held. [`JobQueue::submit`] never takes it: it adds the job to
 //! [`Submitted`], behind a spinlock that covers only the job's own set-up (its done fence, the
-//! check of its dependencies), and kicks the run work, which hands the job on; only while the
-//! retire work drops payloads does it *try* the mutex to hand the job on itself.
+//! check of its dependencies), and kicks the run work, which hands the job on.
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
 //! holder sees every submitted job. Both keep their jobs in buffers with a slot for every job
 //! alive ([`JobRing`] in [`Proc`]): a job takes its slot when it is created
 //! ([`Inner::reserve_slot`], which doubles the slots when they run out) and gives it back when
-//! it is retired, so that neither submission nor the queue's work allocates.
+//! it is retired, so that neither submission nor the queue's work allocates. The retire work
+//! hands the retired jobs to the drop work through [`Submitted::retired`], a list linked through
+//! the jobs themselves, which drops them off the queue's workqueue ([`Inner::drop_retired`]).
 //! Fence callbacks take neither lock: they only enqueue work ([`EnqueueWork`]) or signal a done
 //! fence ([`ProxyFence`]). So the lock order is: queue mutex, then the submission spinlock, then
 //! fence locks, then the workqueue's locks, and no fence is ever waited for with the mutex held.
@@ -64,6 +65,7 @@ use crate::{
         Monotonic, //
     },
     workqueue::{
+        self,
         DelayedWork,
         Work,
         WorkItem, //
@@ -76,6 +78,7 @@ const RETIRE: u64 = 2;
 const TIMEOUT: u64 = 3;
 const FAULT: u64 = 4;
 const DEADLINE: u64 = 5;
+const DROP: u64 = 6;
 
 /// Lock class keys and names of every queue.
 ///
@@ -102,6 +105,9 @@ fn fault_work_class() -> Pin<&'static LockClassKey> {
 fn deadline_work_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn drop_work_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 fn domain_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
@@ -115,6 +121,7 @@ static TIMEOUT_WORK_NAME: &CStr = c"drm_jobqueue:timeout_work";
 static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 static FAULT_WORK_NAME: &CStr = c"drm_jobqueue:fault_work";
 static DEADLINE_WORK_NAME: &CStr = c"drm_jobqueue:deadline_work";
+static DROP_WORK_NAME: &CStr = c"drm_jobqueue:drop_work";
 static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
 static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 
@@ -150,7 +157,7 @@ type DeadlineHook<T> = EnqueueWork<Inner<T>, DEADLINE>;
 /// `Proc::next_release` reaches it. A job that failed without running does not hold back the
 /// jobs behind it from running; it only holds back their release, so that done fences signal in
 /// order.
-pub(super) enum JobState {
+pub(super) enum JobState<T: Backend> {
     /// Not handed to the hardware (yet, or again after a reset), with the dependencies it may
     /// still have to wait for. With an outcome, the job ended without the hardware and waits for
     /// its release.
@@ -168,6 +175,9 @@ pub(super) enum JobState {
     },
     /// The done fence has signalled, or is about to through its hardware fence.
     Finished,
+    /// Retired, its slot given back, in the list of jobs for the drop work ([`RetiredJobs`]),
+    /// linked to the job retired before it.
+    Retired { older: Option<Node<T>> },
 }
 
 /// How a job ends without its hardware fence.
@@ -188,7 +198,7 @@ pub(super) struct JobNode<T: Backend> {
     /// How the job ends without its hardware fence, once that is known; a job that finished
     /// cancelled keeps `Cancelled(e)` here for [`Backend::cancelled`].
     outcome: Option<Outcome>,
-    state: JobState,
+    state: JobState<T>,
     #[pin]
     pub(super) done: ProxyFence<DeadlineHook<T>>,
 }
@@ -243,7 +253,8 @@ pub(super) struct Proc<T: Backend> {
 }
 
 /// The jobs submitted since the queue's mutex was last taken, behind the submission spinlock,
-/// and the accounting of the slots that every job takes from its creation to its retirement.
+/// the accounting of the slots that every job takes from its creation to its retirement, and
+/// the retired jobs on their way to the drop work.
 ///
 /// # Invariants
 ///
@@ -261,12 +272,47 @@ pub(super) struct Submitted<T: Backend> {
     /// spinlock held.
     jobs: KVVec<Node<T>>,
     closed: bool,
-    /// The retire work is dropping the payloads of retired jobs, whose `Drop` may wait for a job
-    /// submitted meanwhile: its submitter hands it on itself ([`Inner::run_submitted`]).
-    dropping: bool,
+    /// The retired jobs the drop work has not taken yet.
+    retired: RetiredJobs<T>,
     held: usize,
     slots: usize,
     spare: Option<SpareRoom<T>>,
+}
+
+/// Retired jobs on their way to the drop work, linked through their [`JobState::Retired`],
+/// newest first: adding one needs no room.
+struct RetiredJobs<T: Backend> {
+    newest: Option<Node<T>>,
+}
+
+impl<T: Backend> RetiredJobs<T> {
+    fn is_empty(&self) -> bool {
+        self.newest.is_none()
+    }
+
+    /// Adds `node`, as the newest job.
+    fn push(&mut self, mut node: Node<T>) {
+        *node.as_mut().project().state = JobState::Retired {
+            older: self.newest.take(),
+        };
+        self.newest = Some(node);
+    }
+
+    /// Removes the newest job.
+    fn pop(&mut self) -> Option<Node<T>> {
+        let mut node = self.newest.take()?;
+        if let JobState::Retired { older } = node.as_mut().project().state {
+            self.newest = older.take();
+        }
+        Some(node)
+    }
+}
+
+impl<T: Backend> Drop for RetiredJobs<T> {
+    fn drop(&mut self) {
+        // One at a time: dropping the list through its links would recurse once per job.
+        while self.pop().is_some() {}
+    }
 }
 
 /// Larger buffers for `Proc::jobs` and `Proc::intake`, made by [`Inner::reserve_slot`] for the
@@ -306,6 +352,8 @@ pub(super) struct Inner<T: Backend> {
     fault_work: Work<Inner<T>, FAULT>,
     #[pin]
     deadline_work: Work<Inner<T>, DEADLINE>,
+    #[pin]
+    drop_work: Work<Inner<T>, DROP>,
 }
 
 #[pinned_drop]
@@ -322,6 +370,7 @@ impl_has_work! {
     impl{T: Backend} HasWork<Inner<T>, RETIRE> for Inner<T> { self.retire_work }
     impl{T: Backend} HasWork<Inner<T>, FAULT> for Inner<T> { self.fault_work }
     impl{T: Backend} HasWork<Inner<T>, DEADLINE> for Inner<T> { self.deadline_work }
+    impl{T: Backend} HasWork<Inner<T>, DROP> for Inner<T> { self.drop_work }
 }
 
 impl_has_delayed_work! {
@@ -365,6 +414,14 @@ impl<T: Backend> WorkItem<DEADLINE> for Inner<T> {
 
     fn run(this: Arc<Inner<T>>) {
         this.tell_deadlines();
+    }
+}
+
+impl<T: Backend> WorkItem<DROP> for Inner<T> {
+    type Pointer = Arc<Inner<T>>;
+
+    fn run(this: Arc<Inner<T>>) {
+        this.drop_retired();
     }
 }
 
@@ -470,14 +527,14 @@ struct Counters<'a> {
 
 impl Counters<'_> {
     /// Accounts for a job leaving `state`, giving back its credits.
-    fn leave(&mut self, state: &JobState, credits: u32) {
+    fn leave<T: Backend>(&mut self, state: &JobState<T>, credits: u32) {
         match state {
             JobState::Waiting { .. } => *self.waiting -= 1,
             JobState::Running { .. } => {
                 *self.running -= 1;
                 *self.credits_in_use -= credits;
             }
-            JobState::Finished => {}
+            JobState::Finished | JobState::Retired { .. } => {}
         }
     }
 }
@@ -595,7 +652,7 @@ impl<T: Backend> Proc<T> {
                     // An error may come from the reset or the stop: `error` says why.
                     _ => Outcome::Cancelled(error),
                 },
-                JobState::Running { .. } | JobState::Finished => continue,
+                JobState::Running { .. } | JobState::Finished | JobState::Retired { .. } => continue,
             };
             finish(&mut counters, node.as_mut(), outcome);
         }
@@ -817,30 +874,6 @@ impl<T: Backend> Inner<T> {
         self.run_locked(self.lock());
     }
 
-    /// Hands the job just submitted, `seqno`, to the hardware if it is next in line and no other
-    /// thread holds the mutex; otherwise leaves it to the run work, so that the submitter never
-    /// waits for the retire work or for another submitter.
-    ///
-    /// For a job submitted while the retire work drops payloads ([`Submitted::dropping`]): the run
-    /// work waits behind the retire work on the queue's workqueue, and a payload's drop may wait
-    /// for this job.
-    fn run_submitted(self: &Arc<Self>, seqno: u64) {
-        let _section = SignallingSection::begin();
-        let Some(mut guard) = self.proc.try_lock() else {
-            // The holder may be past its last look at `submitted`.
-            self.kick_run();
-            return;
-        };
-        self.take_submitted(&mut guard);
-        // Only a job that is next to run needs handing on now. Otherwise a job before it has not
-        // run yet, and what holds that job back (its own submitter, which did the same as here,
-        // a dependency, credits, a stop, the run work that yielded after a batch) kicks the run
-        // work when it clears; the run work then gets to this job as well.
-        if guard.next_run == seqno {
-            self.run_locked(guard);
-        }
-    }
-
     /// [`Self::run_jobs`] with the mutex held.
     fn run_locked(self: &Arc<Self>, mut guard: MutexGuard<'_, Proc<T>>) {
         let proc = &mut *guard;
@@ -991,7 +1024,7 @@ impl<T: Backend> Inner<T> {
                     }
                     proc.last_released = Some(this.done.fence().clone());
                 }
-                JobState::Running { .. } | JobState::Finished => {}
+                JobState::Running { .. } | JobState::Finished | JobState::Retired { .. } => {}
                 JobState::Waiting { .. } => {
                     // The job ended without the hardware: after the jobs before it, in order.
                     if let Some(prev) = proc.last_released.clone() {
@@ -1019,7 +1052,7 @@ impl<T: Backend> Inner<T> {
     }
 
     /// The retire work: removes finished jobs in order, gives their credits back, lets the run
-    /// path use them, and then drops the jobs, in process context.
+    /// path use them, and hands the jobs to the drop work.
     fn retire(self: &Arc<Self>) {
         let now = Instant::<Monotonic>::now();
         let mut more = true;
@@ -1079,30 +1112,44 @@ impl<T: Backend> Inner<T> {
                 }
                 if taken > 0 {
                     // The credits are back: hand the next jobs to the hardware, in the same hold
-                    // of the lock, before the payloads go, whatever their `Drop` does (it runs on
-                    // the queue's workqueue, which the run work may share).
+                    // of the lock.
                     self.run_locked(guard);
                 }
             }
             if taken > 0 {
-                let submitted_meanwhile = {
+                // The slots are free, the payloads go to the drop work.
+                let kick = {
                     let mut submitted = self.submitted.lock();
                     submitted.held -= taken;
-                    submitted.dropping = true;
-                    !submitted.jobs.is_empty()
+                    let kick = submitted.retired.is_empty();
+                    for node in batch.iter_mut().take(taken).filter_map(Option::take) {
+                        submitted.retired.push(node);
+                    }
+                    kick
                 };
-                // The run work waits behind this work on the workqueue, and the payloads'
-                // `Drop` may wait for any job: hand on before they go the jobs submitted while
-                // this work held the lock, and leave those submitted from now on to their
-                // submitters.
-                if submitted_meanwhile {
-                    self.run_jobs();
+                if kick {
+                    // Not on the queue's workqueue: a payload's `Drop` may wait for a job that
+                    // the run work, behind it there, would hand on.
+                    let _ = workqueue::system_dfl().enqueue::<Arc<Self>, DROP>(self.clone());
                 }
-                for node in batch.iter_mut().take(taken).filter_map(Option::take) {
-                    self.drop_job(node);
-                }
-                self.submitted.lock().dropping = false;
             }
+        }
+    }
+
+    /// The drop work: drops the retired jobs, in the order they were retired, in process
+    /// context and off the queue's workqueue.
+    fn drop_retired(&self) {
+        let mut newest_first = RetiredJobs {
+            newest: self.submitted.lock().retired.newest.take(),
+        };
+        // The retire work adds the jobs it retires from now on to an empty list, and queues
+        // this work again.
+        let mut oldest_first = RetiredJobs { newest: None };
+        while let Some(node) = newest_first.pop() {
+            oldest_first.push(node);
+        }
+        while let Some(node) = oldest_first.pop() {
+            self.drop_job(node);
         }
     }
 
@@ -1158,8 +1205,8 @@ impl<T: Backend> Inner<T> {
 
     /// Returns the oldest job on the hardware whose hardware fence has not signalled, and when
     /// it started: when it was handed to the hardware, or when the job before it finished on
-    /// the hardware, whichever is later. The retire work records the latter, but on a workqueue
-    /// that is not ordered the timeout work can get here first.
+    /// the hardware, whichever is later. The retire work records the latter, but the timeout
+    /// work can get here first: on a workqueue that is not ordered, or the reset domain's.
     fn oldest_running(proc: &Proc<T>) -> Option<(u64, Instant<Monotonic>)> {
         let mut previous_end: Option<Instant<Monotonic>> = None;
         for (seqno, node) in proc.jobs.iter() {
@@ -1404,7 +1451,7 @@ impl<T: Backend> JobQueue<T> {
                 submitted <- SpinLock::new(Submitted {
                     jobs: submitted,
                     closed: false,
-                    dropping: false,
+                    retired: RetiredJobs { newest: None },
                     held: 0,
                     slots: INITIAL_SLOTS,
                     spare: None,
@@ -1419,6 +1466,7 @@ impl<T: Backend> JobQueue<T> {
                 ),
                 fault_work <- Work::new(FAULT_WORK_NAME, fault_work_class()),
                 deadline_work <- Work::new(DEADLINE_WORK_NAME, deadline_work_class()),
+                drop_work <- Work::new(DROP_WORK_NAME, drop_work_class()),
             }),
             GFP_KERNEL,
         )?;
@@ -1459,10 +1507,7 @@ impl<T: Backend> JobQueue<T> {
     /// created by another queue, with `ENODEV` if the device is gone. Past that point it cannot
     /// fail and does not allocate; the done fence signals exactly once. Jobs queue up while the
     /// queue is stopped. Never waits for the queue's other paths: the run work hands the job to
-    /// [`Backend::run`] when its turn comes. While the retire work drops payloads, which may wait
-    /// for this job, the run work waits behind it: then a job that is next in line and ready is
-    /// handed to [`Backend::run`] from here if no other thread is in the queue at that moment. So
-    /// call this without locks that [`Backend::run`] takes.
+    /// [`Backend::run`] when its turn comes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
         if !Arc::ptr_eq(job.slot.queue(), &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
@@ -1495,7 +1540,6 @@ impl<T: Backend> JobQueue<T> {
         deps.retain(|d| d.status() != Some(Ok(())) && !(pipeline_own && d.context() == own));
         // The sequence number is taken with the spinlock held: `Submitted::jobs` fills in order.
         let done = self.inner.fence_ctx.init_fence(fence);
-        let seqno = done.seqno();
         let done_ref = done.to_aref();
         for dep in deps.iter() {
             trace::job_add_dep(&done_ref, dep);
@@ -1514,15 +1558,10 @@ impl<T: Backend> JobQueue<T> {
         // Room was checked above, with the spinlock held.
         let pushed = submitted.jobs.push_within_capacity(node);
         debug_assert!(pushed.is_ok());
-        let hand_on = submitted.dropping;
         drop(submitted);
-        if hand_on {
-            self.inner.run_submitted(seqno);
-        } else {
-            // The run work takes the job in, even if a holder of the mutex is past its last look
-            // at `submitted`: a work item that is running is queued again.
-            self.inner.kick_run();
-        }
+        // The run work takes the job in, even if a holder of the mutex is past its last look at
+        // `submitted`: a work item that is running is queued again.
+        self.inner.kick_run();
         Ok(done_ref)
     }
 
@@ -1779,6 +1818,7 @@ impl<T: Backend> Drop for JobQueue<T> {
         let retire_cb = inner.lock().retire_cb.take();
         drop(retire_cb);
         inner.retire_work.flush();
+        inner.drop_work.flush();
         loop {
             let node = {
                 let mut proc = inner.lock();
