@@ -385,7 +385,8 @@ struct MockJob {
     runs: u32,
     /// Hand a hardware fence of too high a nesting level to the queue.
     high_level_hw: bool,
-    /// A fence the drop waits for (bounded), as a payload holding a buffer might through reclaim.
+    /// A fence the drop waits for (for at most five seconds), as a payload holding a buffer might
+    /// through reclaim.
     wait_on_drop: Option<ARef<DmaFence>>,
     /// How long the drop sleeps.
     drop_sleep: Option<Delta>,
@@ -434,7 +435,7 @@ impl Drop for MockJob {
         }
         if let Some(fence) = self.wait_on_drop.take() {
             if fence
-                .wait_uninterruptible_timeout(Delta::from_secs(1))
+                .wait_uninterruptible_timeout(Delta::from_secs(5))
                 .is_err()
             {
                 self.stats.drop_wait_failed.add(1, ordering::Relaxed);
@@ -783,9 +784,18 @@ impl_has_work! {
     impl HasWork<Self> for Blocker { self.work }
 }
 
+/// Opens its blocker when dropped, also when a test returns early.
+struct Blocked(Arc<Blocker>);
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        self.0.open.store(true, ordering::Release);
+    }
+}
+
 impl Blocker {
-    /// Queues a blocker on `wq` and returns once it runs there.
-    fn block(wq: &FenceWorkqueue) -> Result<Arc<Self>> {
+    /// Queues a blocker on `wq` and returns once it runs there; dropping the result opens it.
+    fn block(wq: &FenceWorkqueue) -> Result<Blocked> {
         let blocker = Arc::pin_init(
             pin_init!(Blocker {
                 work <- new_work!("jobqueue_kunit::Blocker"),
@@ -795,20 +805,16 @@ impl Blocker {
             GFP_KERNEL,
         )?;
         let _ = wq.enqueue(blocker.clone());
+        let blocked = Blocked(blocker);
         let mut tries = 0;
-        while !blocker.running.load(ordering::Acquire) && tries < 10_000 {
+        while !blocked.0.running.load(ordering::Acquire) && tries < 10_000 {
             fsleep(us(200));
             tries += 1;
         }
-        if !blocker.running.load(ordering::Acquire) {
-            blocker.open();
+        if !blocked.0.running.load(ordering::Acquire) {
             return Err(ETIMEDOUT);
         }
-        Ok(blocker)
-    }
-
-    fn open(&self) {
-        self.open.store(true, ordering::Release);
+        Ok(blocked)
     }
 }
 
@@ -830,7 +836,7 @@ impl WorkItem for Blocker {
 fn fence_to_follow() -> Result<Pin<KBox<ProxyFence<NoHook>>>> {
     let ctx = NestedFenceContext::new(c"jobqueue_kunit", c"follow", 2)?;
     let fence = ctx.new_fence(GFP_KERNEL)?;
-    Ok(KBox::pin_init(ProxyFence::new(fence), GFP_KERNEL)?)
+    KBox::pin_init(ProxyFence::new(fence), GFP_KERNEL)
 }
 
 /// A C fence callback that records when its fence signalled, relative to the others of an
@@ -2046,18 +2052,18 @@ mod tests {
         wait_runs(f, 1);
         // The retire work has armed its callback on the first job's done fence.
         wq.flush();
-        let blocker = Blocker::block(wq)?;
+        let blocked = Blocker::block(wq)?;
         // The first job's end queues the retire work behind the blocker, the submissions queue
         // the run work behind it.
         hw.signal(Ok(()));
         let last = later()?;
         proxy.as_mut().follow(last.clone())?;
-        blocker.open();
+        drop(blocked);
         wait(&first)?;
         wait(&last)?;
-        let dropped = Stats::get(&f.stats.dropped);
-        wait_count(&f.stats.dropped, dropped + 1);
-        Ok(Stats::get(&f.stats.drop_wait_failed) == 0)
+        // The first payload is the first dropped.
+        wait_count(&f.stats.dropped, 1);
+        Ok(Stats::get(&f.stats.dropped) >= 1 && Stats::get(&f.stats.drop_wait_failed) == 0)
     }
 
     /// A payload's drop that waits for a later job of its queue does not wait behind the run
@@ -2076,8 +2082,11 @@ mod tests {
             }
             Ok(last)
         })?;
+        let runs = Stats::get(&f.stats.runs);
+        // Before the assertions, which end the test without dropping what it holds.
+        drop(f);
         assert!(waited);
-        assert_eq!(Stats::get(&f.stats.runs), 33);
+        assert_eq!(runs, 33);
         Ok(())
     }
 
@@ -2094,6 +2103,8 @@ mod tests {
         let first = build(c"drop-shared-0")?;
         let second = build(c"drop-shared-1")?;
         let waited = drop_waits_for(&first, &wq, || second.submit_simple(us(10)))?;
+        drop(first);
+        drop(second);
         assert!(waited);
         Ok(())
     }
@@ -2212,24 +2223,30 @@ mod tests {
             c"jobqueue_kunit",
             c"stale-start",
             4,
-            Some(Delta::from_millis(200)),
+            Some(Delta::from_millis(400)),
         );
         options.workqueue = Some(wq.clone());
         let action = TimeoutAction::Reset(Recovery::Resubmit);
         let f = Fixture::build_in(options, 4, action, Some(&domain))?;
-        // Both on the ring at once: `b` runs from when `a` ends, 150 ms on, to 250 ms.
-        let a = f.submit_simple(Delta::from_millis(150))?;
-        let b = f.submit_simple(Delta::from_millis(100))?;
+        // Both on the ring at once: `b` runs from when `a` ends, 300 ms on, to 500 ms, past the
+        // timeout counted from when it was handed to the ring.
+        let a = f.submit_simple(Delta::from_millis(300))?;
+        let b = f.submit_simple(Delta::from_millis(200))?;
         wait_runs(&f, 2);
         // The retire work has armed its callback on `a`'s done fence; when `a` ends, it waits
         // behind the blocker, and the timeout work, on the domain's workqueue, comes first.
         wq.flush();
-        let blocker = Blocker::block(&wq)?;
+        let blocked = Blocker::block(&wq)?;
+        let set_up = a.status().is_none();
         wait(&a)?;
         wait(&b)?;
-        blocker.open();
-        assert_eq!(b.status(), Some(Ok(())));
-        assert_eq!(Stats::get(&f.stats.timeouts), 0);
+        drop(blocked);
+        let (status, timeouts) = (b.status(), Stats::get(&f.stats.timeouts));
+        drop(f);
+        // Otherwise the retire work may have run before the blocker, and nothing was tested.
+        assert!(set_up);
+        assert_eq!(status, Some(Ok(())));
+        assert_eq!(timeouts, 0);
         Ok(())
     }
 

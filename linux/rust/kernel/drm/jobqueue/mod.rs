@@ -56,11 +56,13 @@
 //!   signal in submission order. A job that ends without the hardware does not hold back the
 //!   jobs behind it from running, only their done fences.
 //! - The driver's payload is dropped in process context only, after the job finished and after
-//!   the credits it took are back and handed on: by the queue's drop work, on the system's
-//!   default workqueue (`system_dfl_wq`), one at a time per queue, or by the thread that drops
-//!   the queue. Nothing that runs jobs or signals their done fences waits for it, so its `Drop`
-//!   may sleep, allocate and wait for fences, those of later jobs of its own queue included (a
-//!   buffer's drop may wait for them through reclaim). It must not drop its queue.
+//!   the credits it took are back and handed on: by the queue's drop work, on a workqueue of
+//!   its own, one at a time per queue and in batches (16 retired jobs, or those retired when
+//!   the queue runs out of jobs), or by the thread that drops the queue. Nothing that runs jobs
+//!   or signals their done fences waits for it, so its `Drop` may sleep, allocate and wait for
+//!   fences, those of later jobs of its own queue included (a buffer's drop may wait for them
+//!   through reclaim). It must not drop a [`JobQueue`]: the drop work of every queue shares one
+//!   lock class, and teardown waits for the drop work.
 //!
 //! # What the hardware may still use
 //!
@@ -212,7 +214,8 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue (stop,
 /// drop, stats: the queues' locks share one lock class, so lockdep reports it as recursive
 /// locking). [`Backend::cancelled`] and [`Backend::stop_hardware`] are called in process context
-/// without the lock, outside any signalling section.
+/// without the lock, outside any signalling section; [`Backend::cancelled`] from the drop work,
+/// which may run at the same time as the other methods.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///

@@ -57,6 +57,7 @@ use crate::{
         LockClassKey,
         Mutex,
         MutexGuard,
+        SetOnce,
         SpinLock, //
     },
     time::{
@@ -65,7 +66,6 @@ use crate::{
         Monotonic, //
     },
     workqueue::{
-        self,
         DelayedWork,
         Work,
         WorkItem, //
@@ -132,6 +132,29 @@ const RUN_BATCH: u32 = 16;
 
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
 const RETIRE_BATCH: usize = 16;
+
+/// The workqueue of every queue's drop work, made by the first queue and never freed.
+///
+/// Not a queue's own workqueue, on which the drop work would hold up the run work, and not a
+/// system workqueue: this one has a rescuer thread (`WQ_MEM_RECLAIM`), so payloads are freed
+/// when memory is short, and teardown may flush the drop work from a work item of another such
+/// workqueue.
+static DROP_WQ: SetOnce<FenceWorkqueue> = SetOnce::new();
+
+/// Returns [`DROP_WQ`], making it if no queue did yet.
+fn drop_wq() -> Result<&'static FenceWorkqueue> {
+    loop {
+        if let Some(wq) = DROP_WQ.as_ref() {
+            return Ok(wq);
+        }
+        if !DROP_WQ.populate(FenceWorkqueue::new_unbound(c"drm_jobqueue_drop")?) {
+            // Another queue's creation made it first, and is about to publish it; ours is gone.
+            while DROP_WQ.as_ref().is_none() {
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
 
 /// The slots for jobs a queue starts with ([`Submitted::slots`]); they double when they run out.
 const INITIAL_SLOTS: usize = 16;
@@ -262,8 +285,8 @@ pub(super) struct Proc<T: Backend> {
 ///   once it is: the jobs of a dead queue all end with it.
 /// - `held <= slots`. Every [`Slot`](super::job::Slot) alive and every job in `jobs`, in
 ///   `Proc::jobs` or on its way between them is counted in `held` (a retired job, until the
-///   retire work gives its slot back): so `jobs` and `Proc::jobs` together never hold more than
-///   `slots` jobs.
+///   retire work gives its slot back; the jobs in `retired` hold none): so `jobs` and
+///   `Proc::jobs` together never hold more than `slots` jobs.
 /// - `jobs` has room for `slots` jobs. So has, whenever the queue's mutex is free,
 ///   `Proc::jobs` if `spare` is `None`, and otherwise the slots in `spare`; its two buffers are
 ///   empty.
@@ -281,11 +304,24 @@ pub(super) struct Submitted<T: Backend> {
 
 /// Retired jobs on their way to the drop work, linked through their [`JobState::Retired`],
 /// newest first: adding one needs no room.
+///
+/// # Invariants
+///
+/// `len` is the number of jobs in the list.
 struct RetiredJobs<T: Backend> {
     newest: Option<Node<T>>,
+    len: usize,
 }
 
 impl<T: Backend> RetiredJobs<T> {
+    const fn new() -> Self {
+        // INVARIANT: No job, and `len` is 0.
+        Self {
+            newest: None,
+            len: 0,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.newest.is_none()
     }
@@ -296,6 +332,8 @@ impl<T: Backend> RetiredJobs<T> {
             older: self.newest.take(),
         };
         self.newest = Some(node);
+        // INVARIANT: One job more.
+        self.len += 1;
     }
 
     /// Removes the newest job.
@@ -304,6 +342,8 @@ impl<T: Backend> RetiredJobs<T> {
         if let JobState::Retired { older } = node.as_mut().project().state {
             self.newest = older.take();
         }
+        // INVARIANT: One job less.
+        self.len -= 1;
         Some(node)
     }
 }
@@ -335,6 +375,8 @@ pub(super) struct Inner<T: Backend> {
     fault: Atomic<bool>,
     pub(super) fence_ctx: NestedFenceContext,
     wq: Arc<FenceWorkqueue>,
+    /// [`DROP_WQ`].
+    drop_wq: &'static FenceWorkqueue,
     /// The reset domain the queue belongs to, if any: its timeout and fault work run on the
     /// domain's workqueue, and its timeouts stop and recover every queue of the domain.
     domain: Option<Arc<ResetDomain<T>>>,
@@ -361,7 +403,9 @@ impl<T: Backend> PinnedDrop for Inner<T> {
     fn drop(self: Pin<&mut Self>) {
         // Every job gave its slot back: each `Slot` holds a reference to `self`, and teardown
         // retired every job.
-        crate::warn_on!(self.submitted.lock().held != 0);
+        // Teardown dropped every retired job.
+        let submitted = self.submitted.lock();
+        crate::warn_on!(submitted.held != 0 || !submitted.retired.is_empty());
     }
 }
 
@@ -652,7 +696,9 @@ impl<T: Backend> Proc<T> {
                     // An error may come from the reset or the stop: `error` says why.
                     _ => Outcome::Cancelled(error),
                 },
-                JobState::Running { .. } | JobState::Finished | JobState::Retired { .. } => continue,
+                JobState::Running { .. } | JobState::Finished | JobState::Retired { .. } => {
+                    continue
+                }
             };
             finish(&mut counters, node.as_mut(), outcome);
         }
@@ -740,7 +786,7 @@ impl<T: Backend> Inner<T> {
             crate::warn_on!(replaced.is_err());
         }
         debug_assert!(proc.jobs.len() + taken.len() <= proc.jobs.capacity());
-        let mut lost = 0;
+        let (mut lost, mut n_lost) = (RetiredJobs::new(), 0);
         for node in taken.drain_all() {
             let deps = match &node.state {
                 JobState::Waiting { deps } => deps.len(),
@@ -759,15 +805,20 @@ impl<T: Backend> Inner<T> {
             // jobs come in sequence number order: this fails only if the accounting is wrong.
             if let Err(node) = proc.jobs.push(seqno, node) {
                 crate::warn_on!(true);
-                // Dropping it signals its done fence with `ECANCELED`.
-                drop(node);
-                lost += 1;
+                lost.push(node);
+                n_lost += 1;
                 continue;
             }
             proc.waiting += 1;
         }
-        if lost > 0 {
-            self.release_slots(lost);
+        if n_lost > 0 {
+            // Not dropped here, in the signalling section, but with the next retired jobs or at
+            // teardown; the drop signals their done fences with `ECANCELED`.
+            let mut submitted = self.submitted.lock();
+            submitted.held -= n_lost;
+            while let Some(node) = lost.pop() {
+                submitted.retired.push(node);
+            }
         }
         // INVARIANT: Empty again, with room for the jobs of the slots as of the spinlock section
         // above; if the slots grew since, `Submitted::spare` holds its replacement.
@@ -1057,10 +1108,12 @@ impl<T: Backend> Inner<T> {
         let now = Instant::<Monotonic>::now();
         let mut more = true;
         while more {
-            // Up to `RETIRE_BATCH` jobs per hold of the lock; they are dropped after it.
+            // Up to `RETIRE_BATCH` jobs per hold of the lock; the drop work drops them.
             let mut batch: [Option<Pin<KBox<JobNode<T>>>>; RETIRE_BATCH] =
                 [const { None }; RETIRE_BATCH];
             let mut taken = 0;
+            // Whether the queue has no job left after this batch.
+            let idle;
             {
                 // For the run below: `Backend::run` is called in a signalling section.
                 let _section = SignallingSection::begin();
@@ -1110,6 +1163,7 @@ impl<T: Backend> Inner<T> {
                     batch[taken] = Some(node);
                     taken += 1;
                 }
+                idle = proc.jobs.len() == 0;
                 if taken > 0 {
                     // The credits are back: hand the next jobs to the hardware, in the same hold
                     // of the lock.
@@ -1117,20 +1171,21 @@ impl<T: Backend> Inner<T> {
                 }
             }
             if taken > 0 {
-                // The slots are free, the payloads go to the drop work.
+                // The slots are free, the payloads go to the drop work: in batches while the
+                // queue has jobs, so that a ring that retires one job at a time does not wake
+                // a worker for each.
                 let kick = {
                     let mut submitted = self.submitted.lock();
                     submitted.held -= taken;
-                    let kick = submitted.retired.is_empty();
                     for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                         submitted.retired.push(node);
                     }
-                    kick
+                    idle || submitted.retired.len >= RETIRE_BATCH
                 };
                 if kick {
                     // Not on the queue's workqueue: a payload's `Drop` may wait for a job that
                     // the run work, behind it there, would hand on.
-                    let _ = workqueue::system_dfl().enqueue::<Arc<Self>, DROP>(self.clone());
+                    let _ = self.drop_wq.enqueue::<Arc<Self>, DROP>(self.clone());
                 }
             }
         }
@@ -1139,12 +1194,11 @@ impl<T: Backend> Inner<T> {
     /// The drop work: drops the retired jobs, in the order they were retired, in process
     /// context and off the queue's workqueue.
     fn drop_retired(&self) {
-        let mut newest_first = RetiredJobs {
-            newest: self.submitted.lock().retired.newest.take(),
-        };
+        let mut newest_first =
+            core::mem::replace(&mut self.submitted.lock().retired, RetiredJobs::new());
         // The retire work adds the jobs it retires from now on to an empty list, and queues
         // this work again.
-        let mut oldest_first = RetiredJobs { newest: None };
+        let mut oldest_first = RetiredJobs::new();
         while let Some(node) = newest_first.pop() {
             oldest_first.push(node);
         }
@@ -1371,7 +1425,8 @@ impl<T: Backend> core::fmt::Debug for SubmitError<T> {
 /// A job queue for one firmware ring. See the [module documentation](super).
 ///
 /// Dropping it tears the queue down: see the module documentation for what happens to the jobs.
-/// It must not be dropped from the queue's own workqueue or from a [`Backend`] method.
+/// It must not be dropped from the queue's own workqueue, from a [`Backend`] method or from a
+/// payload's `Drop`: teardown waits for the queue's work items.
 pub struct JobQueue<T: Backend> {
     inner: Arc<Inner<T>>,
 }
@@ -1412,6 +1467,7 @@ impl<T: Backend> JobQueue<T> {
             None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
         let inner_wq = wq.clone();
+        let drop_wq = drop_wq()?;
         let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
         let intake = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
         let submitted = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
@@ -1427,6 +1483,7 @@ impl<T: Backend> JobQueue<T> {
                 fault: Atomic::new(false),
                 fence_ctx,
                 wq: inner_wq,
+                drop_wq,
                 domain,
                 proc <- Mutex::new(Proc {
                     jobs: ring,
@@ -1451,7 +1508,7 @@ impl<T: Backend> JobQueue<T> {
                 submitted <- SpinLock::new(Submitted {
                     jobs: submitted,
                     closed: false,
-                    retired: RetiredJobs { newest: None },
+                    retired: RetiredJobs::new(),
                     held: 0,
                     slots: INITIAL_SLOTS,
                     spare: None,
@@ -1819,6 +1876,8 @@ impl<T: Backend> Drop for JobQueue<T> {
         drop(retire_cb);
         inner.retire_work.flush();
         inner.drop_work.flush();
+        // Jobs lost to a wrong accounting (see `take_submitted`) may wait without the drop work.
+        inner.drop_retired();
         loop {
             let node = {
                 let mut proc = inner.lock();
