@@ -2066,6 +2066,30 @@ mod tests {
         Ok(Stats::get(&f.stats.dropped) >= 1 && Stats::get(&f.stats.drop_wait_failed) == 0)
     }
 
+    /// A finished job's payload is dropped while a later job of its queue still waits (here for
+    /// a dependency), not only once the queue runs out of jobs.
+    #[test]
+    fn payload_dropped_while_a_job_waits() -> Result {
+        let f = Fixture::new(c"drop-soon", 4, None)?;
+        // Long enough for the second job to be submitted before the first is retired.
+        let first = f.submit_simple(Delta::from_millis(20))?;
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"drop-soon-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let mut job = f.job(1, us(10))?;
+        job.add_dependency(dep.to_aref())?;
+        let second = f.queue().submit(job)?;
+        wait(&first)?;
+        wait_count(&f.stats.dropped, 1);
+        let dropped = Stats::get(&f.stats.dropped);
+        let waiting = second.status().is_none();
+        dep.signal(Ok(()));
+        wait(&second)?;
+        drop(f);
+        assert!(waiting);
+        assert_eq!(dropped, 1);
+        Ok(())
+    }
+
     /// A payload's drop that waits for a later job of its queue does not wait behind the run
     /// work, even when the retire work that drops it finds more jobs to hand on than one run of
     /// the queue hands on (16).

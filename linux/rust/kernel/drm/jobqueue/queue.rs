@@ -79,6 +79,7 @@ const TIMEOUT: u64 = 3;
 const FAULT: u64 = 4;
 const DEADLINE: u64 = 5;
 const DROP: u64 = 6;
+const DROP_SOON: u64 = 7;
 
 /// Lock class keys and names of every queue.
 ///
@@ -108,6 +109,12 @@ fn deadline_work_class() -> Pin<&'static LockClassKey> {
 fn drop_work_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn drop_soon_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
+fn drop_soon_timer_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 fn domain_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
@@ -122,6 +129,8 @@ static TIMEOUT_TIMER_NAME: &CStr = c"drm_jobqueue:timeout_work_timer";
 static FAULT_WORK_NAME: &CStr = c"drm_jobqueue:fault_work";
 static DEADLINE_WORK_NAME: &CStr = c"drm_jobqueue:deadline_work";
 static DROP_WORK_NAME: &CStr = c"drm_jobqueue:drop_work";
+static DROP_SOON_NAME: &CStr = c"drm_jobqueue:drop_soon";
+static DROP_SOON_TIMER_NAME: &CStr = c"drm_jobqueue:drop_soon_timer";
 static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
 static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 
@@ -133,12 +142,14 @@ const RUN_BATCH: u32 = 16;
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
 const RETIRE_BATCH: usize = 16;
 
+/// How long retired jobs wait for more to be dropped with, at most: a tick.
+const DROP_DELAY: crate::time::Jiffies = 1;
+
 /// The workqueue of every queue's drop work, made by the first queue and never freed.
 ///
 /// Not a queue's own workqueue, on which the drop work would hold up the run work, and not a
-/// system workqueue: this one has a rescuer thread (`WQ_MEM_RECLAIM`), so payloads are freed
-/// when memory is short, and teardown may flush the drop work from a work item of another such
-/// workqueue.
+/// system workqueue: this one has a rescuer thread (`WQ_MEM_RECLAIM`), so the drop work runs
+/// when memory is short, and teardown may flush it from a work item of another such workqueue.
 static DROP_WQ: SetOnce<FenceWorkqueue> = SetOnce::new();
 
 /// Returns [`DROP_WQ`], making it if no queue did yet.
@@ -149,8 +160,9 @@ fn drop_wq() -> Result<&'static FenceWorkqueue> {
         }
         if !DROP_WQ.populate(FenceWorkqueue::new_unbound(c"drm_jobqueue_drop")?) {
             // Another queue's creation made it first, and is about to publish it; ours is gone.
+            // Sleep rather than spin: that thread may have been preempted on this CPU.
             while DROP_WQ.as_ref().is_none() {
-                core::hint::spin_loop();
+                crate::time::delay::fsleep(Delta::from_micros(10));
             }
         }
     }
@@ -396,6 +408,9 @@ pub(super) struct Inner<T: Backend> {
     deadline_work: Work<Inner<T>, DEADLINE>,
     #[pin]
     drop_work: Work<Inner<T>, DROP>,
+    /// Kicks the drop work a tick after a job was retired that did not kick it at once.
+    #[pin]
+    drop_soon: DelayedWork<Inner<T>, DROP_SOON>,
 }
 
 #[pinned_drop]
@@ -419,6 +434,7 @@ impl_has_work! {
 
 impl_has_delayed_work! {
     impl{T: Backend} HasDelayedWork<Inner<T>, TIMEOUT> for Inner<T> { self.timeout_work }
+    impl{T: Backend} HasDelayedWork<Inner<T>, DROP_SOON> for Inner<T> { self.drop_soon }
 }
 
 impl<T: Backend> WorkItem<RUN> for Inner<T> {
@@ -466,6 +482,15 @@ impl<T: Backend> WorkItem<DROP> for Inner<T> {
 
     fn run(this: Arc<Inner<T>>) {
         this.drop_retired();
+    }
+}
+
+impl<T: Backend> WorkItem<DROP_SOON> for Inner<T> {
+    type Pointer = Arc<Inner<T>>;
+
+    fn run(this: Arc<Inner<T>>) {
+        // Not the drops themselves: the drop work drops the jobs of a queue one at a time.
+        this.kick_drop();
     }
 }
 
@@ -786,7 +811,7 @@ impl<T: Backend> Inner<T> {
             crate::warn_on!(replaced.is_err());
         }
         debug_assert!(proc.jobs.len() + taken.len() <= proc.jobs.capacity());
-        let (mut lost, mut n_lost) = (RetiredJobs::new(), 0);
+        let mut lost = RetiredJobs::new();
         for node in taken.drain_all() {
             let deps = match &node.state {
                 JobState::Waiting { deps } => deps.len(),
@@ -803,19 +828,19 @@ impl<T: Backend> Inner<T> {
             let seqno = node.done.fence().seqno();
             // Every job holds a slot, so the ring has room (`Submitted`'s invariants), and the
             // jobs come in sequence number order: this fails only if the accounting is wrong.
-            if let Err(node) = proc.jobs.push(seqno, node) {
+            if let Err(mut node) = proc.jobs.push(seqno, node) {
                 crate::warn_on!(true);
+                node.as_mut().project().done.signal(Err(ECANCELED));
                 lost.push(node);
-                n_lost += 1;
                 continue;
             }
             proc.waiting += 1;
         }
-        if n_lost > 0 {
-            // Not dropped here, in the signalling section, but with the next retired jobs or at
-            // teardown; the drop signals their done fences with `ECANCELED`.
+        if !lost.is_empty() {
+            // Their done fences have signalled; they are not dropped here, in the signalling
+            // section, but with the next retired jobs or at teardown.
             let mut submitted = self.submitted.lock();
-            submitted.held -= n_lost;
+            submitted.held -= lost.len;
             while let Some(node) = lost.pop() {
                 submitted.retired.push(node);
             }
@@ -895,6 +920,12 @@ impl<T: Backend> Inner<T> {
 
     fn kick_run(self: &Arc<Self>) {
         let _ = self.wq.enqueue::<Arc<Self>, RUN>(self.clone());
+    }
+
+    /// Queues the drop work, not on the queue's workqueue: a payload's `Drop` may wait for a job
+    /// that the run work, behind it there, would hand on.
+    fn kick_drop(self: &Arc<Self>) {
+        let _ = self.drop_wq.enqueue::<Arc<Self>, DROP>(self.clone());
     }
 
     fn kick_retire(self: &Arc<Self>) {
@@ -1173,19 +1204,25 @@ impl<T: Backend> Inner<T> {
             if taken > 0 {
                 // The slots are free, the payloads go to the drop work: in batches while the
                 // queue has jobs, so that a ring that retires one job at a time does not wake
-                // a worker for each.
-                let kick = {
+                // a worker for each, and a tick later at most.
+                let (now, soon) = {
                     let mut submitted = self.submitted.lock();
                     submitted.held -= taken;
+                    // Otherwise the retired jobs before these have kicked the drop work or
+                    // armed `drop_soon`, and the drop work has not taken them yet.
+                    let first = submitted.retired.is_empty();
                     for node in batch.iter_mut().take(taken).filter_map(Option::take) {
                         submitted.retired.push(node);
                     }
-                    idle || submitted.retired.len >= RETIRE_BATCH
+                    let now = idle || submitted.retired.len >= RETIRE_BATCH;
+                    (now, first && !now)
                 };
-                if kick {
-                    // Not on the queue's workqueue: a payload's `Drop` may wait for a job that
-                    // the run work, behind it there, would hand on.
-                    let _ = self.drop_wq.enqueue::<Arc<Self>, DROP>(self.clone());
+                if now {
+                    self.kick_drop();
+                } else if soon {
+                    let _ = self
+                        .drop_wq
+                        .enqueue_delayed::<Arc<Self>, DROP_SOON>(self.clone(), DROP_DELAY);
                 }
             }
         }
@@ -1524,6 +1561,12 @@ impl<T: Backend> JobQueue<T> {
                 fault_work <- Work::new(FAULT_WORK_NAME, fault_work_class()),
                 deadline_work <- Work::new(DEADLINE_WORK_NAME, deadline_work_class()),
                 drop_work <- Work::new(DROP_WORK_NAME, drop_work_class()),
+                drop_soon <- DelayedWork::new(
+                    DROP_SOON_NAME,
+                    drop_soon_class(),
+                    DROP_SOON_TIMER_NAME,
+                    drop_soon_timer_class(),
+                ),
             }),
             GFP_KERNEL,
         )?;
@@ -1875,8 +1918,11 @@ impl<T: Backend> Drop for JobQueue<T> {
         let retire_cb = inner.lock().retire_cb.take();
         drop(retire_cb);
         inner.retire_work.flush();
+        // Runs `drop_soon` now if its timer is pending: it queues the drop work.
+        inner.drop_soon.flush();
         inner.drop_work.flush();
-        // Jobs lost to a wrong accounting (see `take_submitted`) may wait without the drop work.
+        // The drop work has dropped what it was kicked for; jobs lost to a wrong accounting (see
+        // `take_submitted`) may still be on the list.
         inner.drop_retired();
         loop {
             let node = {
