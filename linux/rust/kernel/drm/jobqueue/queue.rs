@@ -437,61 +437,28 @@ impl_has_delayed_work! {
     impl{T: Backend} HasDelayedWork<Inner<T>, DROP_SOON> for Inner<T> { self.drop_soon }
 }
 
-impl<T: Backend> WorkItem<RUN> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
+/// Implements [`WorkItem`] for the work items of [`Inner`]: each calls its method.
+macro_rules! inner_work_items {
+    ($($id:ident => $method:ident),* $(,)?) => {$(
+        impl<T: Backend> WorkItem<$id> for Inner<T> {
+            type Pointer = Arc<Inner<T>>;
 
-    fn run(this: Arc<Inner<T>>) {
-        this.run_jobs();
-    }
+            fn run(this: Arc<Inner<T>>) {
+                this.$method();
+            }
+        }
+    )*};
 }
 
-impl<T: Backend> WorkItem<RETIRE> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
-
-    fn run(this: Arc<Inner<T>>) {
-        this.retire();
-    }
-}
-
-impl<T: Backend> WorkItem<TIMEOUT> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
-
-    fn run(this: Arc<Inner<T>>) {
-        this.check_timeout();
-    }
-}
-
-impl<T: Backend> WorkItem<FAULT> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
-
-    fn run(this: Arc<Inner<T>>) {
-        this.check_timeout();
-    }
-}
-
-impl<T: Backend> WorkItem<DEADLINE> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
-
-    fn run(this: Arc<Inner<T>>) {
-        this.tell_deadlines();
-    }
-}
-
-impl<T: Backend> WorkItem<DROP> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
-
-    fn run(this: Arc<Inner<T>>) {
-        this.drop_retired();
-    }
-}
-
-impl<T: Backend> WorkItem<DROP_SOON> for Inner<T> {
-    type Pointer = Arc<Inner<T>>;
-
-    fn run(this: Arc<Inner<T>>) {
-        // Not the drops themselves: the drop work drops the jobs of a queue one at a time.
-        this.kick_drop();
-    }
+inner_work_items! {
+    RUN => run_jobs,
+    RETIRE => retire,
+    TIMEOUT => check_timeout,
+    FAULT => check_timeout,
+    DEADLINE => tell_deadlines,
+    DROP => drop_retired,
+    // Not the drops themselves: the drop work drops the jobs of a queue one at a time.
+    DROP_SOON => kick_drop,
 }
 
 /// Signals the done fence of `node` with the error of `outcome`, and marks the job finished.
