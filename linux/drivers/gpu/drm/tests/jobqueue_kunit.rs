@@ -608,6 +608,14 @@ impl Fixture {
         Self::build_in(options, slots, on_timeout, None)
     }
 
+    /// A queue of `capacity` credits, without a timeout, on the workqueue `wq`.
+    fn on_workqueue(name: &'static CStr, capacity: u32, wq: &Arc<FenceWorkqueue>) -> Result<Self> {
+        let mut options = QueueOptions::new(c"jobqueue_kunit", name, capacity, None);
+        options.workqueue = Some(wq.clone());
+        let action = TimeoutAction::Reset(Recovery::Resubmit);
+        Self::build(options, capacity as usize, action)
+    }
+
     /// [`Self::build`], in `domain` if there is one.
     fn build_in(
         options: QueueOptions,
@@ -2096,9 +2104,7 @@ mod tests {
     #[test]
     fn payload_drop_waits_for_a_job_past_one_batch() -> Result {
         let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_drop")?, GFP_KERNEL)?;
-        let mut options = QueueOptions::new(c"jobqueue_kunit", c"drop-batch", 64, None);
-        options.workqueue = Some(wq.clone());
-        let f = Fixture::build(options, 64, TimeoutAction::Reset(Recovery::Resubmit))?;
+        let f = Fixture::on_workqueue(c"drop-batch", 64, &wq)?;
         let waited = drop_waits_for(&f, &wq, || {
             let mut last = f.submit_simple(us(10))?;
             for _ in 1..32 {
@@ -2119,13 +2125,8 @@ mod tests {
     #[test]
     fn payload_drop_waits_for_a_job_of_a_queue_on_the_same_workqueue() -> Result {
         let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_drop")?, GFP_KERNEL)?;
-        let build = |name| {
-            let mut options = QueueOptions::new(c"jobqueue_kunit", name, 4, None);
-            options.workqueue = Some(wq.clone());
-            Fixture::build(options, 4, TimeoutAction::Reset(Recovery::Resubmit))
-        };
-        let first = build(c"drop-shared-0")?;
-        let second = build(c"drop-shared-1")?;
+        let first = Fixture::on_workqueue(c"drop-shared-0", 4, &wq)?;
+        let second = Fixture::on_workqueue(c"drop-shared-1", 4, &wq)?;
         let waited = drop_waits_for(&first, &wq, || second.submit_simple(us(10)))?;
         drop(first);
         drop(second);

@@ -416,9 +416,8 @@ pub(super) struct Inner<T: Backend> {
 #[pinned_drop]
 impl<T: Backend> PinnedDrop for Inner<T> {
     fn drop(self: Pin<&mut Self>) {
-        // Every job gave its slot back: each `Slot` holds a reference to `self`, and teardown
-        // retired every job.
-        // Teardown dropped every retired job.
+        // Every job gave its slot back and was dropped: each `Slot` holds a reference to `self`,
+        // and teardown retired and dropped every job.
         let submitted = self.submitted.lock();
         crate::warn_on!(submitted.held != 0 || !submitted.retired.is_empty());
     }
