@@ -307,6 +307,11 @@ pub(super) struct Submitted<T: Backend> {
     /// spinlock held.
     jobs: KVVec<Node<T>>,
     closed: bool,
+    /// The run path stopped at a job that waits, or at a stopped queue: what it waits for runs
+    /// the run path again, which takes in the jobs submitted meanwhile, so [`JobQueue::submit`]
+    /// does not kick the run work (as `drm_sched_wakeup()` does not while the scheduler cannot
+    /// queue). Set and cleared by the run path, with the queue's mutex held.
+    run_waits: bool,
     /// The retired jobs the drop work has not taken yet.
     retired: RetiredJobs<T>,
     held: usize,
@@ -576,8 +581,12 @@ impl Counters<'_> {
 
 /// What one step of the run work did.
 enum Step {
-    /// The next job cannot run yet (or there is none).
-    Blocked,
+    /// There is no next job.
+    Empty,
+    /// The next job waits for a dependency or for credits. What it waits for runs the run path
+    /// again: the dependency's callback kicks the run work, the retire work that gives credits
+    /// back runs it.
+    Waits,
     /// The next job was handed to the hardware.
     Started,
     /// The next job ended without the hardware.
@@ -926,10 +935,12 @@ impl<T: Backend> Inner<T> {
     fn run_locked(self: &Arc<Self>, mut guard: MutexGuard<'_, Proc<T>>) {
         let proc = &mut *guard;
         if proc.stopped > 0 || proc.dead || proc.dying {
+            // Resuming kicks the run work; a dead queue takes no job.
+            self.submitted.lock().run_waits = true;
             return;
         }
         let (mut started, mut finished) = (false, false);
-        let (mut handled, mut more) = (0, false);
+        let (mut handled, mut more, mut waits) = (0, false, false);
         loop {
             finished |= self.release_jobs(proc);
             if handled == RUN_BATCH {
@@ -937,7 +948,11 @@ impl<T: Backend> Inner<T> {
                 break;
             }
             match self.run_one(proc) {
-                Step::Blocked => break,
+                Step::Empty => break,
+                Step::Waits => {
+                    waits = true;
+                    break;
+                }
                 Step::Skipped => {}
                 Step::Started => {
                     started = true;
@@ -949,6 +964,13 @@ impl<T: Backend> Inner<T> {
         // The retire work needs a kick for the jobs that started or finished, unless it is busy
         // already: then it gets to them in order.
         let retire = (started || finished) && !core::mem::replace(&mut proc.retire_busy, true);
+        {
+            let mut submitted = self.submitted.lock();
+            submitted.run_waits = waits;
+            // Submitted since this run took the jobs in, while `run_waits` told the submitter
+            // not to kick the run work.
+            more |= !waits && !submitted.jobs.is_empty();
+        }
         drop(guard);
         if more {
             // Let the other paths have the lock, then go on.
@@ -970,7 +992,7 @@ impl<T: Backend> Inner<T> {
     fn run_one(&self, proc: &mut Proc<T>) -> Step {
         let seqno = proc.next_run;
         let Some(node) = proc.jobs.get_mut(seqno) else {
-            return Step::Blocked;
+            return Step::Empty;
         };
         if !matches!(node.state, JobState::Waiting { .. }) {
             proc.next_run += 1;
@@ -978,7 +1000,7 @@ impl<T: Backend> Inner<T> {
         }
         if let Some(dep) = next_dependency(node.as_mut()) {
             if wait_on(&mut proc.dep_cb, dep) {
-                return Step::Blocked;
+                return Step::Waits;
             }
             // It signalled meanwhile: look again.
             return Step::Skipped;
@@ -994,7 +1016,7 @@ impl<T: Backend> Inner<T> {
         // the job starts only if the sum stays within the capacity.
         if credits > self.capacity - proc.credits_in_use {
             // The retire work runs us when credits come back.
-            return Step::Blocked;
+            return Step::Waits;
         }
         let hw = self.backend.run(JobRef::new(node.as_mut()));
         proc.next_run += 1;
@@ -1511,6 +1533,7 @@ impl<T: Backend> JobQueue<T> {
                 submitted <- SpinLock::new(Submitted {
                     jobs: submitted,
                     closed: false,
+                    run_waits: false,
                     retired: RetiredJobs::new(),
                     held: 0,
                     slots: INITIAL_SLOTS,
@@ -1624,10 +1647,15 @@ impl<T: Backend> JobQueue<T> {
         // Room was checked above, with the spinlock held.
         let pushed = submitted.jobs.push_within_capacity(node);
         debug_assert!(pushed.is_ok());
+        let kick = !submitted.run_waits;
         drop(submitted);
-        // The run work takes the job in, even if a holder of the mutex is past its last look at
-        // `submitted`: a work item that is running is queued again.
-        self.inner.kick_run();
+        if kick {
+            // The run work takes the job in, even if a holder of the mutex is past its last look
+            // at `submitted`: a work item that is running is queued again. Otherwise the run path
+            // waits for the job before this one and takes this one in when it runs again; if it
+            // stops waiting meanwhile, it finds the job in `submitted` as it lets `run_waits` go.
+            self.inner.kick_run();
+        }
         Ok(done_ref)
     }
 
