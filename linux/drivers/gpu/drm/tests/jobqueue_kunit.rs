@@ -1170,6 +1170,53 @@ mod tests {
     }
 
     #[test]
+    fn job_submitted_while_the_run_path_waits_runs_when_it_stops_waiting() -> Result {
+        // The first job waits for a dependency, and the run work, done, left the run path
+        // waiting for it: `submit()` does not kick the run work then. The dependency signals,
+        // and the second job is submitted while the first one's `run` holds the run path, which
+        // has taken in the submitted jobs already. The run path's look at the submission list,
+        // as it stops waiting, gets the second job run at once, while the first is on the
+        // hardware for a second; the retire work would take it in too, but run it only once the
+        // first job is done.
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_waits")?, GFP_KERNEL)?;
+        let f = Fixture::on_workqueue(c"run-waits", 4, &wq)?;
+        let ctx = FenceContext::new(c"jobqueue_kunit", c"waited-dep");
+        let dep = ctx.new_fence(GFP_KERNEL)?;
+        let gate = Arc::new(Atomic::new(false), GFP_KERNEL)?;
+        let mut first = MockJob::new(&f.stats, Delta::from_secs(1))?;
+        first.run_gate = Some(gate.clone());
+        let mut job = f.queue().new_job(1, first)?;
+        job.add_dependency(dep.to_aref())?;
+        let done_first = f.queue().submit(job)?;
+        wq.flush();
+        assert_eq!(f.queue().stats().waiting, 1);
+        dep.signal(Ok(()));
+        let mut tries = 0;
+        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        let done_second = f.submit_simple(us(20))?;
+        gate.store(true, ordering::Release);
+        let mut tries = 0;
+        while Stats::get(&f.stats.runs) < 2 && tries < 900 {
+            fsleep(us(1000));
+            tries += 1;
+        }
+        let first_on_hardware = done_first.status().is_none();
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert!(first_on_hardware);
+        wait(&done_first)?;
+        wait(&done_second)?;
+        assert_eq!(Stats::get(&f.stats.gated_runs), 1);
+        assert_eq!(Stats::get(&f.stats.gate_timeouts), 0);
+        assert_eq!(done_first.status(), Some(Ok(())));
+        assert_eq!(done_second.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.order_violations), 0);
+        Ok(())
+    }
+
+    #[test]
     fn slots_grow_while_the_queue_is_busy() -> Result {
         // Many more jobs alive at once than the slots a queue starts with (16), some held
         // unsubmitted, some dropped unsubmitted, while the queue's mutex is held by a `run` that

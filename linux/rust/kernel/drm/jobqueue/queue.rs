@@ -8,7 +8,8 @@
 //! teardown take it, always through [`Inner::lock`]; the backend's `run` and `timed_out` are
 //! called with it held. [`JobQueue::submit`] never takes it: it adds the job to
 //! [`Submitted`], behind a spinlock that covers only the job's own set-up (its done fence, the
-//! check of its dependencies), and kicks the run work, which hands the job on.
+//! check of its dependencies), and kicks the run work, which hands the job on, unless the run
+//! path waits ([`Submitted::run_waits`]).
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
 //! holder sees every submitted job. Both keep their jobs in buffers with a slot for every job
 //! alive ([`JobRing`] in [`Proc`]): a job takes its slot when it is created
@@ -307,10 +308,13 @@ pub(super) struct Submitted<T: Backend> {
     /// spinlock held.
     jobs: KVVec<Node<T>>,
     closed: bool,
-    /// The run path stopped at a job that waits, or at a stopped queue: what it waits for runs
-    /// the run path again, which takes in the jobs submitted meanwhile, so [`JobQueue::submit`]
-    /// does not kick the run work (as `drm_sched_wakeup()` does not while the scheduler cannot
-    /// queue). Set and cleared by the run path, with the queue's mutex held.
+    /// The run path stopped at a job that waits ([`Step::Waits`]), or at a stopped, dead or
+    /// dying queue: what it waits for runs the run path again, and that run runs the jobs
+    /// submitted meanwhile too, so [`JobQueue::submit`] does not kick the run work (as
+    /// `drm_sched_wakeup()` does not while the scheduler cannot queue). Written by the run path
+    /// only, with the queue's mutex held, and read by `submit()` in the spinlock section that
+    /// adds the job: a job added while it is set is taken in by the next holder of the mutex,
+    /// or found in `jobs` by the run path as it rewrites the flag.
     run_waits: bool,
     /// The retired jobs the drop work has not taken yet.
     retired: RetiredJobs<T>,
@@ -584,8 +588,8 @@ enum Step {
     /// There is no next job.
     Empty,
     /// The next job waits for a dependency or for credits. What it waits for runs the run path
-    /// again: the dependency's callback kicks the run work, the retire work that gives credits
-    /// back runs it.
+    /// again: the dependency's callback kicks the run work; credits come back in the retire
+    /// work, which runs it, or in a recovery, which kicks it.
     Waits,
     /// The next job was handed to the hardware.
     Started,
@@ -1652,8 +1656,7 @@ impl<T: Backend> JobQueue<T> {
         if kick {
             // The run work takes the job in, even if a holder of the mutex is past its last look
             // at `submitted`: a work item that is running is queued again. Otherwise the run path
-            // waits for the job before this one and takes this one in when it runs again; if it
-            // stops waiting meanwhile, it finds the job in `submitted` as it lets `run_waits` go.
+            // waits, and the run that ends the wait runs this job too (`run_waits`).
             self.inner.kick_run();
         }
         Ok(done_ref)
