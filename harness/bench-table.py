@@ -139,11 +139,11 @@ def main():
 
     if args.trace_log or args.notrace_log:
         # One row per build or boot: (label, JobQueue's log, drm_sched's log); None is the
-        # first boot's row of the same workload.
+        # first boot's row of the same workload, '' a log that was not made.
         trows = [('trace events compiled in, disabled', None, None)]
         if args.trace_log:
             trows.append(('trace events enabled (`drm_jobqueue:*`; `gpu_scheduler:*`)',
-                          args.trace_log, args.sched_trace_log))
+                          args.trace_log, args.sched_trace_log or ''))
         if args.notrace_log:
             trows.append(('tracepoints compiled out (no CONFIG_TRACEPOINTS)',
                           args.notrace_log, ''))
@@ -154,12 +154,11 @@ def main():
         for label, jq_path, sched_path in trows:
             cells = []
             for impl, path in (('jobqueue', jq_path), ('drm_sched', sched_path)):
-                base = rows.get((impl, 'independent', 10000))
-                r = base if path is None else (parse(path)[0].get((impl, 'independent', 10000))
-                                               if path else None)
                 if path == '':
                     cells += ['-', '']
                     continue
+                base = rows.get((impl, 'independent', 10000))
+                r = base if path is None else parse(path)[0].get((impl, 'independent', 10000))
                 if not r:
                     ok = False
                     print(f'MISSING: {label}, {impl}')
@@ -169,7 +168,7 @@ def main():
                 if path is not None and base:
                     change = r['ns_per_job'] / base['ns_per_job'] - 1
                     rel = f'{change * 100:+.1f}%'
-                    if impl == 'jobqueue' and path == jq_path and jq_path == args.trace_log:
+                    if impl == 'jobqueue' and path == args.trace_log:
                         cost = change
                 cells += [f"{r['ns_per_job']} ({r['ns_per_job_min']}–{r['ns_per_job_max']})", rel]
             print(f"| {label} | {' | '.join(cells)} |")

@@ -1191,18 +1191,10 @@ mod tests {
         wq.flush();
         assert_eq!(f.queue().stats().waiting, 1);
         dep.signal(Ok(()));
-        let mut tries = 0;
-        while Stats::get(&f.stats.gated_runs) == 0 && tries < 10_000 {
-            fsleep(us(1000));
-            tries += 1;
-        }
+        wait_count(&f.stats.gated_runs, 1);
         let done_second = f.submit_simple(us(20))?;
         gate.store(true, ordering::Release);
-        let mut tries = 0;
-        while Stats::get(&f.stats.runs) < 2 && tries < 900 {
-            fsleep(us(1000));
-            tries += 1;
-        }
+        wait_count(&f.stats.runs, 2);
         let first_on_hardware = done_first.status().is_none();
         assert_eq!(Stats::get(&f.stats.runs), 2);
         assert!(first_on_hardware);
