@@ -11,7 +11,7 @@ import re
 import sys
 
 LINE = re.compile(r'jq-bench: (impl=\S+ workload=.*)$')
-IMPLS = ('jobqueue', 'drm_sched', 'floor')
+IMPLS = ('jobqueue', 'drm_sched', 'floor', 'ring-floor')
 
 
 def parse(path):
@@ -77,16 +77,17 @@ def main():
             workloads.append((name, jobs))
 
     print('| workload | jobs | JobQueue ns/job (min–max) | drm_sched ns/job (min–max) '
-          '| floor ns/job | throughput JobQueue/drm_sched | cost JobQueue/floor '
+          '| floor ns/job | floor with the mock ring ns/job | throughput JobQueue/drm_sched '
+          '| cost JobQueue/floor | over the ring floor, JobQueue | drm_sched | ratio '
           '| submitting ns/job, JobQueue | drm_sched '
           '| submit→run p50/p99 µs, JobQueue | drm_sched '
           '| hw→done p50/p99 µs, JobQueue | drm_sched '
           '| wake p50/p99 µs, JobQueue | drm_sched |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    print('|---|' + '---:|' * 18)
     misses = []
     for name, jobs in workloads:
-        jq, sd, fl = (rows.get((i, name, jobs)) for i in IMPLS)
-        for i, r in zip(IMPLS, (jq, sd, fl)):
+        jq, sd, fl, rf = (rows.get((i, name, jobs)) for i in IMPLS)
+        for i, r in zip(IMPLS, (jq, sd, fl, rf)):
             if r is None:
                 ok = False
                 print(f'MISSING: impl={i} workload={name} jobs={jobs}')
@@ -104,14 +105,20 @@ def main():
             cost = f'{v:.1f}x'
             if v > 3:
                 misses.append(f'{name} ({jobs}): {v:.1f}x the floor > 3x')
-        print(f'| {name} | {jobs} | {ns(jq)} | {ns(sd)} | {ns(fl, False)} | {thr} | {cost} '
+        # What each queue adds to the mock hardware's own cost, and the ratio of the two.
+        over = ['-', '-', '-']
+        if jq and sd and rf:
+            a, b = (r['ns_per_job'] - rf['ns_per_job'] for r in (jq, sd))
+            over = [str(a), str(b), f'{b / a:.2f}x' if a > 0 else '-']
+        print(f'| {name} | {jobs} | {ns(jq)} | {ns(sd)} | {ns(fl, False)} | {ns(rf, False)} '
+              f"| {thr} | {cost} | {' | '.join(over)} "
               f'| {sub(jq)} | {sub(sd)} '
               f"| {pair(jq, 'submit_to_run')} | {pair(sd, 'submit_to_run')} "
               f"| {pair(jq, 'hw_to_done')} | {pair(sd, 'hw_to_done')} "
               f"| {pair(jq, 'wake')} | {pair(sd, 'wake')} |")
 
     print()
-    mem = [rows.get((i, 'memory', 200000)) for i in IMPLS]
+    mem = [rows.get((i, 'memory', 200000)) for i in IMPLS[:3]]
     if all(mem):
         b = [m['bytes_per_job'] for m in mem]
         print('| memory per job in flight (median; min–max) | JobQueue | drm_sched | floor |')

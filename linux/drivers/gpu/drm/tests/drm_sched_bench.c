@@ -276,7 +276,7 @@ static int ring_push(struct bench_ring *ring, struct dma_fence *fence)
 
 static int ring_init(struct bench_ring *ring, unsigned int size)
 {
-	ring->slots = kcalloc(size, sizeof(*ring->slots), GFP_KERNEL);
+	ring->slots = kvcalloc(size, sizeof(*ring->slots), GFP_KERNEL);
 	if (!ring->slots)
 		return -ENOMEM;
 	spin_lock_init(&ring->lock);
@@ -292,7 +292,7 @@ static int ring_init(struct bench_ring *ring, unsigned int size)
 static void ring_fini(struct bench_ring *ring)
 {
 	hrtimer_cancel(&ring->timer);
-	kfree(ring->slots);
+	kvfree(ring->slots);
 }
 
 /* A queue: a scheduler with one entity, and its mock ring. */
@@ -754,6 +754,67 @@ static int floor_rep(const struct bench_workload *w, struct rep_result *res)
 	return 0;
 }
 
+/*
+ * The floor with the mock hardware: each job's fence, with its callback, goes
+ * straight onto a mock ring as large as the workload, whose hrtimer signals it
+ * in hardirq context. What the queues add to this is their own cost.
+ */
+static atomic_t ring_floor_callbacks;
+static unsigned int ring_floor_jobs;
+static DECLARE_COMPLETION(ring_floor_done);
+
+static void ring_floor_callback(struct dma_fence *fence, struct dma_fence_cb *cb)
+{
+	if (atomic_inc_return(&ring_floor_callbacks) == ring_floor_jobs)
+		complete(&ring_floor_done);
+}
+
+static int ring_floor_rep(const struct bench_workload *w, struct rep_result *res)
+{
+	u64 context = dma_fence_context_alloc(1);
+	struct bench_ring *ring;
+	struct floor_fence *f;
+	unsigned int i;
+	ktime_t start;
+	int ret;
+
+	ring = kzalloc_obj(*ring);
+	if (!ring)
+		return -ENOMEM;
+	ret = ring_init(ring, w->jobs);
+	if (ret) {
+		kfree(ring);
+		return ret;
+	}
+	atomic_set(&ring_floor_callbacks, 0);
+	ring_floor_jobs = w->jobs;
+	reinit_completion(&ring_floor_done);
+	start = ktime_get();
+	for (i = 0; i < w->jobs; i++) {
+		f = kmalloc_obj(*f);
+		if (!f) {
+			ret = -ENOMEM;
+			break;
+		}
+		dma_fence_init64(&f->base, &floor_fence_ops, NULL, context, i + 1);
+		if (dma_fence_add_callback(&f->base, &f->cb, ring_floor_callback))
+			ring_floor_callback(&f->base, &f->cb);
+		/* The FIFO takes the reference; the ring has room for every job. */
+		ring_push(ring, &f->base);
+	}
+	if (!ret) {
+		wait_for_completion(&ring_floor_done);
+		res->ns_per_job = ktime_to_ns(ktime_sub(ktime_get(), start)) / w->jobs;
+		res->errors = w->jobs - atomic_read(&ring_floor_callbacks);
+	}
+	/* On an error, the jobs pushed so far signal before the timer is cancelled. */
+	while (ret && atomic_read(&ring_floor_callbacks) < i)
+		msleep(20);
+	ring_fini(ring);
+	kfree(ring);
+	return ret;
+}
+
 static int floor_memory_rep(const struct bench_workload *w, struct rep_result *res)
 {
 	unsigned int i, first = min(w->jobs, BENCH_MEMORY_FIRST);
@@ -848,7 +909,7 @@ static void bench_print(const char *impl, const struct bench_workload *w,
 	seq_buf_printf(&line, " ns_per_job=%lld", MEDIAN_OF(res, n, scratch, ns_per_job));
 	seq_buf_printf(&line, " ns_per_job_min=%lld ns_per_job_max=%lld",
 		       scratch[0], scratch[n - 1]);
-	if (strcmp(impl, "floor")) {
+	if (strcmp(impl, "floor") && strcmp(impl, "ring-floor")) {
 		seq_buf_printf(&line, " submit_ns_per_job=%lld",
 			       MEDIAN_OF(res, n, scratch, submit_ns_per_job));
 		seq_buf_printf(&line, " submit_to_run_p50_ns=%lld",
@@ -871,6 +932,7 @@ static void bench_print(const char *impl, const struct bench_workload *w,
 static void bench_workload(const char *impl, const struct bench_workload *w,
 			   unsigned int n)
 {
+	bool is_ring_floor = !strcmp(impl, "ring-floor");
 	bool is_floor = !strcmp(impl, "floor");
 	struct rep_result *res;
 	unsigned int i;
@@ -887,6 +949,8 @@ static void bench_workload(const char *impl, const struct bench_workload *w,
 		if (w->shape == SHAPE_MEMORY)
 			ret = is_floor ? floor_memory_rep(w, &res[i]) :
 					 sched_memory_rep(w, &res[i]);
+		else if (is_ring_floor)
+			ret = ring_floor_rep(w, &res[i]);
 		else
 			ret = is_floor ? floor_rep(w, &res[i]) : sched_rep(w, &res[i]);
 	}
@@ -925,6 +989,12 @@ static int __init drm_sched_bench_init(void)
 		if (workloads & BIT(i))
 			bench_workload("floor", &bench_workloads[i], n);
 	pr_info("jq-bench: impl=floor end\n");
+
+	pr_info("jq-bench: impl=ring-floor begin\n");
+	for (i = 0; i < ARRAY_SIZE(bench_workloads); i++)
+		if (workloads & BIT(i) && bench_workloads[i].shape != SHAPE_MEMORY)
+			bench_workload("ring-floor", &bench_workloads[i], n);
+	pr_info("jq-bench: impl=ring-floor end\n");
 
 	bench_dev = NULL;
 	faux_device_destroy(fdev);

@@ -3,9 +3,11 @@
 //! A benchmark of the Rust DRM job queue, run at boot side by side with drm_sched.
 //!
 //! This module runs its workloads on [`JobQueue`]s when it is initialised; `drm_sched_bench.c`
-//! runs the same workloads through drm_sched's C API, and a floor (one `dma_fence` with one
-//! callback per job), a little later in the same boot. Each prints one line per workload to the
-//! kernel log, which `harness/run bench` turns into a table:
+//! runs the same workloads through drm_sched's C API, and two floors, a little later in the same
+//! boot: one `dma_fence` with one callback per job, signalled at once (`impl=floor`), and the same
+//! fences pushed straight onto the mock hardware below, without a queue (`impl=ring-floor`).
+//! Each prints one line per workload to the kernel log, which `harness/run bench` turns into a
+//! table:
 //!
 //! ```text
 //! jq-bench: impl=jobqueue workload=chain queues=1 capacity=1024 jobs=10000 reps=5
