@@ -226,6 +226,18 @@ enum Outcome {
     Cancelled(Error),
 }
 
+/// Whether a queue is in use, whatever its stops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// It takes jobs and hands them to the hardware.
+    Alive,
+    /// Its device is gone ([`TimeoutAction::DeviceGone`]): it takes no job and its jobs ended.
+    Dead,
+    /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work do nothing from now
+    /// on.
+    Dying,
+}
+
 /// A submitted job.
 #[pin_data]
 pub(super) struct JobNode<T: Backend> {
@@ -274,8 +286,7 @@ pub(super) struct Proc<T: Backend> {
     paused_at: Option<Instant<Monotonic>>,
     /// The timed-out job of a reset the backend completes later ([`TimeoutAction::ResetLater`]).
     reset_guilty: Option<u64>,
-    dead: bool,
-    dying: bool,
+    life: Life,
     /// Wakes the run work when the dependency the next job waits for signals.
     dep_cb: Option<Pin<KBox<DepCallback<T>>>>,
     /// Wakes the run work when what holds back the next release signals (`last_released`, or a
@@ -294,8 +305,8 @@ pub(super) struct Proc<T: Backend> {
 ///
 /// # Invariants
 ///
-/// - `closed` is set only with the queue's mutex held and `Proc::dead` set, and no job is added
-///   once it is: the jobs of a dead queue all end with it.
+/// - `closed` is set only with the queue's mutex held and `Proc::life` not [`Life::Alive`], and
+///   no job is added once it is: the jobs of a dead queue all end with it.
 /// - `held <= slots`. Every [`Slot`](super::job::Slot) alive and every job in `jobs`, in
 ///   `Proc::jobs` or on its way between them is counted in `held` (a retired job, until the
 ///   retire work gives its slot back; the jobs in `retired` hold none): so `jobs` and
@@ -600,6 +611,11 @@ enum Step {
 }
 
 impl<T: Backend> Proc<T> {
+    /// Whether the queue's jobs stay where they are: it is stopped, dead or dying.
+    fn halted(&self) -> bool {
+        self.stopped > 0 || self.life != Life::Alive
+    }
+
     fn split(&mut self) -> (&mut JobRing<Node<T>>, Counters<'_>) {
         (
             &mut self.jobs,
@@ -891,8 +907,10 @@ impl<T: Backend> Inner<T> {
     /// Marks the queue dead, with its mutex held: no job is submitted from now on, and the jobs
     /// submitted so far are in `proc`, for the caller to end.
     fn close(&self, proc: &mut Proc<T>) {
-        proc.dead = true;
-        // INVARIANT: the caller holds the mutex, and `Proc::dead` is set.
+        if proc.life == Life::Alive {
+            proc.life = Life::Dead;
+        }
+        // INVARIANT: the caller holds the mutex, and `Proc::life` is not `Life::Alive`.
         self.submitted.lock().closed = true;
         self.take_submitted(proc);
     }
@@ -938,7 +956,7 @@ impl<T: Backend> Inner<T> {
     /// [`Self::run_jobs`] with the mutex held.
     fn run_locked(self: &Arc<Self>, mut guard: MutexGuard<'_, Proc<T>>) {
         let proc = &mut *guard;
-        if proc.stopped > 0 || proc.dead || proc.dying {
+        if proc.halted() {
             // Resuming kicks the run work; a dead queue takes no job.
             self.submitted.lock().run_waits = true;
             return;
@@ -1259,7 +1277,7 @@ impl<T: Backend> Inner<T> {
         let _section = SignallingSection::begin();
         let mut proc = self.lock();
         // A stopped queue's jobs are detached, in the middle of a reset: the resume wakes us.
-        if proc.stopped > 0 || proc.dead || proc.dying {
+        if proc.halted() {
             return;
         }
         for (_, node) in proc.jobs.iter_mut() {
@@ -1321,7 +1339,7 @@ impl<T: Backend> Inner<T> {
         let mut guard = self.lock();
         let proc = &mut *guard;
         let fault = self.fault.xchg(false, ordering::Relaxed);
-        if proc.stopped > 0 || proc.dead || proc.dying {
+        if proc.halted() {
             return;
         }
         if !fault && (proc.timeout_paused > 0 || self.timeout.is_none()) {
@@ -1527,8 +1545,7 @@ impl<T: Backend> JobQueue<T> {
                     timeout_paused: 0,
                     paused_at: None,
                     reset_guilty: None,
-                    dead: false,
-                    dying: false,
+                    life: Life::Alive,
                     dep_cb: None,
                     release_cb: None,
                     retire_cb: None,
@@ -1879,7 +1896,7 @@ impl<T: Backend> Drop for JobQueue<T> {
         // wakes them.
         let (dep_cb, release_cb) = {
             let mut proc = inner.lock();
-            proc.dying = true;
+            proc.life = Life::Dying;
             (proc.dep_cb.take(), proc.release_cb.take())
         };
         drop(dep_cb);
@@ -2156,7 +2173,7 @@ impl<T: Backend> ResetDomain<T> {
         let action = {
             let mut guard = guilty.lock();
             let proc = &mut *guard;
-            let dying = proc.dead || proc.dying;
+            let dying = proc.life != Life::Alive;
             match proc.jobs.get_mut(seqno) {
                 // Still on the hardware and not done: the backend decides.
                 Some(node)
