@@ -76,15 +76,11 @@
 //! [`Backend::stop_hardware`]. [`TimeoutAction::NoHang`] and
 //! [`Recovery::Continue`] leave the jobs following their hardware fences, and the timeout armed.
 //!
-//! A job whose hardware fence signalled success while the queue was stopped, or while the
-//! backend handled a timeout, has completed: it finishes successfully whatever the recovery,
-//! and is not run again, unless [`Recovery::Resubmit`] runs a job before it again (the ring
-//! then runs it again too, in order). A hardware fence that signalled an error meanwhile may
-//! have been signalled by the reset itself: the recovery decides.
+//! A job whose hardware fence signalled while the queue was stopped, or while the backend
+//! handled a timeout, ends as [`Recovery`] describes.
 //!
-//! Dropping the [`JobQueue`] gives the jobs on the hardware one timeout, all together, to
-//! finish, then calls [`Backend::stop_hardware`], and only then ends the jobs left, in order. It
-//! removes every callback from foreign fences and waits for its work items: a hardware fence
+//! Dropping the [`JobQueue`] ends its jobs as [`Backend::stop_hardware`] describes. It removes
+//! every callback from foreign fences and waits for its work items: a hardware fence
 //! signalling later touches nothing of the queue. The time a queue is stopped does not count
 //! towards a job's timeout.
 //!
@@ -216,7 +212,8 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 /// drop, stats: the queues' locks share one lock class, so lockdep reports it as recursive
 /// locking). [`Backend::cancelled`] and [`Backend::stop_hardware`] are called in process context
 /// without the lock, outside any signalling section; [`Backend::cancelled`] from the drop work,
-/// which may run at the same time as the other methods.
+/// which may run at the same time as the other methods, or from the thread that drops the
+/// queue.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///

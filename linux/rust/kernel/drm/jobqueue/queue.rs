@@ -4,22 +4,37 @@
 //!
 //! # Locking
 //!
-//! All state is in [`Proc`], behind the queue's mutex. The work items, [`JobQueue::stop`] and
-//! teardown take it, always through [`Inner::lock`]; the backend's `run` and `timed_out` are
-//! called with it held. [`JobQueue::submit`] never takes it: it adds the job to
-//! [`Submitted`], behind a spinlock that covers only the job's own set-up (its done fence, the
-//! check of its dependencies), and kicks the run work, which hands the job on, unless the run
-//! path waits ([`Submitted::run_waits`]).
-//! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so every
-//! holder sees every submitted job. Both keep their jobs in buffers with a slot for every job
-//! alive ([`JobRing`] in [`Proc`]): a job takes its slot when it is created
-//! ([`Inner::reserve_slot`], which doubles the slots when they run out) and gives it back when
-//! it is retired, so that neither submission nor the queue's work allocates. The retire work
-//! hands the retired jobs to the drop work through [`Submitted::retired`], a list linked through
-//! the jobs themselves, which drops them off the queue's workqueue ([`Inner::drop_retired`]).
-//! Fence callbacks take neither lock: they only enqueue work ([`EnqueueWork`]) or signal a done
-//! fence ([`ProxyFence`]). So the lock order is: queue mutex, then the submission spinlock, then
-//! fence locks, then the workqueue's locks, and no fence is ever waited for with the mutex held.
+//! A queue has two locks; a [`ResetDomain`] adds a third. In the order they are taken:
+//!
+//! 1. `ResetDomain::members`, a mutex: the domain's queues, its pending reset and whether its
+//!    device is gone. Taken by the timeout of a queue of the domain, which holds it across
+//!    [`Backend::timed_out`], by the completion of a reset the driver finished later, and by a
+//!    queue that joins or leaves.
+//! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
+//!    the credits, and the queue's [`Life`] and stops. Taken by the run, retire, timeout, fault
+//!    and deadline work, stop and resume, and teardown, always through [`Inner::lock`];
+//!    [`Backend::run`] and [`Backend::timed_out`] are called with it held.
+//! 3. [`Inner::submitted`], a spinlock: [`Submitted`], the jobs submitted since the mutex was
+//!    last taken, the slots, [`Submitted::run_waits`] and the retired jobs on their way to the
+//!    drop work. Taken by [`JobQueue::submit`] and job creation, which never take the mutex, by
+//!    [`Inner::lock`] and the run and retire paths with the mutex held, and by the drop work,
+//!    without it.
+//!
+//! Then come fence locks and the workqueues' locks. Fence callbacks take none of the three:
+//! they only enqueue work ([`EnqueueWork`]) or signal a done fence ([`ProxyFence`]). No fence is
+//! waited for with a mutex held. The work items and resume hold the queue's mutex in a fence
+//! signalling section ([`SignallingSection`]), so that lockdep reports an allocation that may
+//! reclaim, or a wait for a fence, under it.
+//!
+//! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so a
+//! holder sees every job submitted before it took the mutex; one submitted later kicks the run
+//! work, or is found by the run path as it stops ([`Submitted::run_waits`]). Both locks keep
+//! their jobs in buffers with a slot for every job alive ([`JobRing`] in [`Proc`]): a job takes
+//! its slot when it is created ([`Inner::reserve_slot`], which doubles the slots when they run
+//! out) and gives it back when it is retired, so that neither submission nor the queue's work
+//! allocates. The retire work hands the retired jobs to the drop work through
+//! [`Submitted::retired`], a list linked through the jobs themselves, which drops them off the
+//! queue's workqueue ([`Inner::drop_retired`]).
 
 use super::{
     job::{
@@ -195,8 +210,9 @@ type DeadlineHook<T> = EnqueueWork<Inner<T>, DEADLINE>;
 /// order.
 pub(super) enum JobState<T: Backend> {
     /// Not handed to the hardware (yet, or again after a reset), with the dependencies it may
-    /// still have to wait for. With an outcome, the job ended without the hardware and waits for
-    /// its release.
+    /// still have to wait for. With an outcome ([`JobNode::outcome`]), the job ended without its
+    /// hardware fence (it failed, was cancelled, or a reset found it done) and waits for its
+    /// release.
     Waiting { deps: KVec<ARef<DmaFence>> },
     /// Handed to the hardware, holding its credits. `attached` while the done fence follows
     /// `hw`: from the release until a stop, a timeout or teardown detaches it.
@@ -209,7 +225,7 @@ pub(super) enum JobState<T: Backend> {
         /// bytes larger (see `node_size` in the tests).
         deadline_told: i64,
     },
-    /// The done fence has signalled, or is about to through its hardware fence.
+    /// The done fence has signalled.
     Finished,
     /// Retired, its slot given back, in the list of jobs for the drop work ([`RetiredJobs`]),
     /// linked to the job retired before it.
@@ -231,10 +247,12 @@ enum Outcome {
 enum Life {
     /// It takes jobs and hands them to the hardware.
     Alive,
-    /// Its device is gone ([`TimeoutAction::DeviceGone`]): it takes no job and its jobs ended.
+    /// Its device is gone ([`TimeoutAction::DeviceGone`]): [`Submitted::closed`] refuses new
+    /// jobs, and the jobs it had ended.
     Dead,
-    /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work do nothing from now
-    /// on.
+    /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work return at once from
+    /// now on. Until it leaves its [`ResetDomain`], a reset of the domain still stops and resumes
+    /// it.
     Dying,
 }
 
@@ -259,6 +277,8 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 /// # Invariants
 ///
 /// - `next_release <= next_run`: a job is released only after it ran (or was found not to run).
+/// - A job from `next_release` to before `next_run` in [`JobState::Waiting`] has an outcome: it
+///   ended without its hardware fence and waits for its release.
 /// - `credits_in_use <= capacity`: the sum of the credits of the jobs in
 ///   [`JobState::Running`].
 /// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
@@ -339,7 +359,9 @@ pub(super) struct Submitted<T: Backend> {
 ///
 /// # Invariants
 ///
-/// `len` is the number of jobs in the list.
+/// - Every job in the list is in [`JobState::Retired`], whose `older` is the next job of the
+///   list.
+/// - `len` is the number of jobs in the list.
 struct RetiredJobs<T: Backend> {
     newest: Option<Node<T>>,
     len: usize,
@@ -360,21 +382,23 @@ impl<T: Backend> RetiredJobs<T> {
 
     /// Adds `node`, as the newest job.
     fn push(&mut self, mut node: Node<T>) {
+        // INVARIANT: `node` is `Retired`, linked to the job that was the newest, and one job
+        // more is counted.
         *node.as_mut().project().state = JobState::Retired {
             older: self.newest.take(),
         };
         self.newest = Some(node);
-        // INVARIANT: One job more.
         self.len += 1;
     }
 
     /// Removes the newest job.
     fn pop(&mut self) -> Option<Node<T>> {
         let mut node = self.newest.take()?;
+        // By the invariants, `node` is `Retired` and `older` the rest of the list.
         if let JobState::Retired { older } = node.as_mut().project().state {
             self.newest = older.take();
         }
-        // INVARIANT: One job less.
+        // INVARIANT: The rest of the list is the list, and one job less is counted.
         self.len -= 1;
         Some(node)
     }
@@ -568,7 +592,7 @@ fn attach<T: Backend>(
 fn wait_on<T: Backend>(cb: &mut Option<Pin<KBox<DepCallback<T>>>>, fence: ARef<DmaFence>) -> bool {
     match cb.as_mut() {
         Some(cb) => cb.as_mut().arm(fence) == Armed::Waiting,
-        // Only while the queue is dying: stop processing.
+        // Taken only by teardown, and the run path does not get here on a dying queue: stop.
         None => true,
     }
 }
@@ -606,12 +630,14 @@ enum Step {
     Started,
     /// The next job ended without the hardware.
     Ended,
-    /// The next job had run already.
+    /// The next job had run already, or the dependency it waited for signalled meanwhile: look
+    /// again.
     Skipped,
 }
 
 impl<T: Backend> Proc<T> {
-    /// Whether the queue's jobs stay where they are: it is stopped, dead or dying.
+    /// Whether the run path and the deadline and timeout work leave the queue's jobs alone: it is
+    /// stopped, dead or dying. The retire work still retires the jobs that finished.
     fn halted(&self) -> bool {
         self.stopped > 0 || self.life != Life::Alive
     }
@@ -904,8 +930,8 @@ impl<T: Backend> Inner<T> {
         self.submitted.lock().held -= n;
     }
 
-    /// Marks the queue dead, with its mutex held: no job is submitted from now on, and the jobs
-    /// submitted so far are in `proc`, for the caller to end.
+    /// Marks the queue dead (if it is not dying), with its mutex held: no job is submitted from
+    /// now on, and the jobs submitted so far are in `proc`, for the caller to end.
     fn close(&self, proc: &mut Proc<T>) {
         if proc.life == Life::Alive {
             proc.life = Life::Dead;
@@ -1127,6 +1153,7 @@ impl<T: Backend> Inner<T> {
                             continue;
                         }
                     }
+                    // It has an outcome (`Proc`'s invariants): `EINVAL` is never used.
                     let outcome = node.outcome.unwrap_or(Outcome::Cancelled(EINVAL));
                     let mut counters = Counters {
                         credits_in_use: &mut proc.credits_in_use,
@@ -1449,7 +1476,8 @@ pub struct QueueStats {
 
 /// A job that [`JobQueue::submit`] refused, with the reason.
 pub struct SubmitError<T: Backend> {
-    /// `ENODEV` if the device is gone, `EINVAL` if the job belongs to another queue.
+    /// `ENODEV` if the device is gone, `EINVAL` if the job belongs to another queue (`ENOMEM`,
+    /// with a warning, only if the queue's accounting of its slots is wrong).
     pub error: Error,
     /// The job, unchanged.
     pub job: Job<T>,
@@ -1614,9 +1642,9 @@ impl<T: Backend> JobQueue<T> {
     /// Submits `job` and returns its done fence.
     ///
     /// Fails only before anything happened, handing the job back: with `EINVAL` if the job was
-    /// created by another queue, with `ENODEV` if the device is gone. Past that point it cannot
-    /// fail and does not allocate; the done fence signals exactly once. Jobs queue up while the
-    /// queue is stopped. Never waits for the queue's other paths: the run work hands the job to
+    /// created by another queue, with `ENODEV` if the device is gone ([`SubmitError::error`]).
+    /// Past that point it cannot fail and does not allocate; the done fence signals exactly
+    /// once. Jobs queue up while the queue is stopped. Never waits for the queue's other paths: the run work hands the job to
     /// [`Backend::run`] when its turn comes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
         if !Arc::ptr_eq(job.slot.queue(), &self.inner) {
@@ -1941,10 +1969,14 @@ impl<T: Backend> Drop for JobQueue<T> {
         loop {
             let node = {
                 let mut proc = inner.lock();
-                let Some(node) = proc.jobs.pop_front() else {
+                let Some(mut node) = proc.jobs.pop_front() else {
                     break;
                 };
-                trace::job_done(node.done.fence());
+                // `finish_all` has finished every job; the counters stay right whatever it left.
+                let (_, mut counters) = proc.split();
+                let this = node.as_mut().project();
+                counters.leave(this.state, *this.credits);
+                trace::job_done(this.done.fence());
                 node
             };
             inner.release_slots(1);
@@ -2173,11 +2205,11 @@ impl<T: Backend> ResetDomain<T> {
         let action = {
             let mut guard = guilty.lock();
             let proc = &mut *guard;
-            let dying = proc.life != Life::Alive;
+            let ended = proc.life != Life::Alive;
             match proc.jobs.get_mut(seqno) {
                 // Still on the hardware and not done: the backend decides.
                 Some(node)
-                    if !dying
+                    if !ended
                         && matches!(&node.state,
                                     JobState::Running { hw, .. } if hw.status().is_none()) =>
                 {
