@@ -1174,94 +1174,107 @@ impl<T: Backend> Inner<T> {
     /// path use them, and hands the jobs to the drop work.
     fn retire(self: &Arc<Self>) {
         let now = Instant::<Monotonic>::now();
-        let mut more = true;
-        while more {
+        loop {
             // Up to `RETIRE_BATCH` jobs per hold of the lock; the drop work drops them.
-            let mut batch: [Option<Pin<KBox<JobNode<T>>>>; RETIRE_BATCH] =
-                [const { None }; RETIRE_BATCH];
-            let mut taken = 0;
-            // Whether the queue has no job left after this batch.
-            let idle;
-            {
+            let mut batch = [const { None }; RETIRE_BATCH];
+            let (taken, idle, more) = {
                 // For the run below: `Backend::run` is called in a signalling section.
                 let _section = SignallingSection::begin();
                 let mut guard = self.lock();
-                let proc = &mut *guard;
-                while taken < RETIRE_BATCH {
-                    let Some(node) = proc.jobs.front_mut() else {
-                        proc.retire_busy = false;
-                        more = false;
-                        break;
-                    };
-                    let signalled = node.done.fence().status().is_some();
-                    let can_retire = signalled && !matches!(node.state, JobState::Waiting { .. });
-                    if !can_retire {
-                        let this = node.as_mut().project();
-                        if let JobState::Running { started, .. } = this.state {
-                            // The oldest job runs: it really started when the one before it
-                            // finished, so its timeout counts from `now`, not from when it
-                            // was handed to the ring behind other jobs.
-                            if taken > 0 && (*started - now).is_negative() {
-                                *started = now;
-                            }
-                        }
-                        let fence = this.done.fence().clone();
-                        // `node` is not used past this point, which ends its borrow of the jobs.
-                        let mut armed = false;
-                        if let Some(cb) = proc.retire_cb.as_mut() {
-                            if cb.as_mut().arm(fence) == Armed::RanNow {
-                                continue;
-                            }
-                            armed = true;
-                        }
-                        // Without the callback, whatever changes the oldest job kicks the retire
-                        // work again.
-                        proc.retire_busy = armed;
-                        more = false;
-                        break;
-                    }
-                    let Some(mut node) = proc.jobs.pop_front() else {
-                        break;
-                    };
-                    let (_, mut counters) = proc.split();
-                    let this = node.as_mut().project();
-                    counters.leave(this.state, *this.credits);
-                    *this.state = JobState::Finished;
-                    trace::job_done(this.done.fence());
-                    batch[taken] = Some(node);
-                    taken += 1;
-                }
-                idle = proc.jobs.len() == 0;
+                let (taken, more) = Self::take_finished(&mut guard, &mut batch, now);
+                let idle = guard.jobs.len() == 0;
                 if taken > 0 {
                     // The credits are back: hand the next jobs to the hardware, in the same hold
                     // of the lock.
                     self.run_locked(guard);
                 }
-            }
+                (taken, idle, more)
+            };
             if taken > 0 {
-                // The slots are free, the payloads go to the drop work: in batches while the
-                // queue has jobs, so that a ring that retires one job at a time does not wake
-                // a worker for each, and a tick later at most.
-                let (now, soon) = {
-                    let mut submitted = self.submitted.lock();
-                    submitted.held -= taken;
-                    // Otherwise the retired jobs before these have kicked the drop work or
-                    // armed `drop_soon`, and the drop work has not taken them yet.
-                    let first = submitted.retired.is_empty();
-                    for node in batch.iter_mut().take(taken).filter_map(Option::take) {
-                        submitted.retired.push(node);
-                    }
-                    let now = idle || submitted.retired.len >= RETIRE_BATCH;
-                    (now, first && !now)
-                };
-                if now {
-                    self.kick_drop();
-                } else if soon {
-                    let _ = self
-                        .drop_wq
-                        .enqueue_delayed::<Arc<Self>, DROP_SOON>(self.clone(), DROP_DELAY);
-                }
+                self.hand_to_drop(&mut batch[..taken], idle);
             }
+            if !more {
+                break;
+            }
+        }
+    }
+
+    /// Takes the finished jobs at the front of `proc`, in order, into `batch`, and gives their
+    /// credits back. Returns how many it took, and whether the batch is full, with more jobs
+    /// that may have finished behind it. Otherwise it leaves the retire work idle: with the
+    /// retire callback armed on the done fence of the oldest job, or, without jobs or without
+    /// the callback, with `retire_busy` cleared, so that whatever changes the oldest job kicks
+    /// the retire work again.
+    fn take_finished(
+        proc: &mut Proc<T>,
+        batch: &mut [Option<Node<T>>; RETIRE_BATCH],
+        now: Instant<Monotonic>,
+    ) -> (usize, bool) {
+        let mut taken = 0;
+        while taken < RETIRE_BATCH {
+            let Some(node) = proc.jobs.front_mut() else {
+                proc.retire_busy = false;
+                return (taken, false);
+            };
+            let signalled = node.done.fence().status().is_some();
+            if !signalled || matches!(node.state, JobState::Waiting { .. }) {
+                let this = node.as_mut().project();
+                if let JobState::Running { started, .. } = this.state {
+                    // The oldest job runs: it really started when the one before it finished,
+                    // so its timeout counts from `now`, not from when it was handed to the ring
+                    // behind other jobs.
+                    if taken > 0 && (*started - now).is_negative() {
+                        *started = now;
+                    }
+                }
+                let fence = this.done.fence().clone();
+                // `node` is not used past this point, which ends its borrow of the jobs.
+                let mut armed = false;
+                if let Some(cb) = proc.retire_cb.as_mut() {
+                    if cb.as_mut().arm(fence) == Armed::RanNow {
+                        continue;
+                    }
+                    armed = true;
+                }
+                proc.retire_busy = armed;
+                return (taken, false);
+            }
+            let Some(mut node) = proc.jobs.pop_front() else {
+                break;
+            };
+            let (_, mut counters) = proc.split();
+            let this = node.as_mut().project();
+            counters.leave(this.state, *this.credits);
+            *this.state = JobState::Finished;
+            trace::job_done(this.done.fence());
+            batch[taken] = Some(node);
+            taken += 1;
+        }
+        (taken, true)
+    }
+
+    /// Gives back the slots of the retired jobs of `batch` and hands them to the drop work: in
+    /// batches while the queue has jobs (`idle` says it has none left), so that a ring that
+    /// retires one job at a time does not wake a worker for each, and a tick later at most.
+    fn hand_to_drop(self: &Arc<Self>, batch: &mut [Option<Node<T>>], idle: bool) {
+        let (now, soon) = {
+            let mut submitted = self.submitted.lock();
+            submitted.held -= batch.len();
+            // Otherwise the retired jobs before these have kicked the drop work or armed
+            // `drop_soon`, and the drop work has not taken them yet.
+            let first = submitted.retired.is_empty();
+            for node in batch.iter_mut().filter_map(Option::take) {
+                submitted.retired.push(node);
+            }
+            let now = idle || submitted.retired.len >= RETIRE_BATCH;
+            (now, first && !now)
+        };
+        if now {
+            self.kick_drop();
+        } else if soon {
+            let _ = self
+                .drop_wq
+                .enqueue_delayed::<Arc<Self>, DROP_SOON>(self.clone(), DROP_DELAY);
         }
     }
 
@@ -1644,8 +1657,8 @@ impl<T: Backend> JobQueue<T> {
     /// Fails only before anything happened, handing the job back: with `EINVAL` if the job was
     /// created by another queue, with `ENODEV` if the device is gone ([`SubmitError::error`]).
     /// Past that point it cannot fail and does not allocate; the done fence signals exactly
-    /// once. Jobs queue up while the queue is stopped. Never waits for the queue's other paths: the run work hands the job to
-    /// [`Backend::run`] when its turn comes.
+    /// once. Jobs queue up while the queue is stopped. Never waits for the queue's other paths:
+    /// the run work hands the job to [`Backend::run`] when its turn comes.
     pub fn submit(&self, job: Job<T>) -> Result<ARef<DmaFence>, SubmitError<T>> {
         if !Arc::ptr_eq(job.slot.queue(), &self.inner) {
             return Err(SubmitError { error: EINVAL, job });
