@@ -44,7 +44,7 @@
 //!                                                                    payload dropped
 //! ```
 //!
-//! # Rules the types enforce
+//! # What the queue guarantees
 //!
 //! - Every allocation happens in [`JobQueue::new_job`] and [`Job::add_dependency`] (or
 //!   [`Job::reserve_dependencies`]); once [`JobQueue::submit`] has started, nothing allocates,
