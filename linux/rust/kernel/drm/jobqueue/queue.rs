@@ -1421,9 +1421,9 @@ impl<T: Backend> Inner<T> {
             }
             TimeoutAction::Reset(recovery) => proc.recover(recovery, Some(seqno)),
             TimeoutAction::ResetLater => {
-                // Stopped, as by `JobQueue::stop`, until `JobQueue::reset_done`.
-                proc.stopped += 1;
-                proc.pause_timeout();
+                // Stopped, as by `JobQueue::stop`, until `JobQueue::reset_done` (its jobs are
+                // detached already).
+                proc.stop();
                 proc.reset_guilty = Some(seqno);
                 // With the lock held, as the start: `reset_done` may run as soon as it goes.
                 trace::queue_stop(self.name, self.fence_ctx.context());
