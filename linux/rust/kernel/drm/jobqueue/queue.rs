@@ -636,6 +636,17 @@ enum Step {
 }
 
 impl<T: Backend> Proc<T> {
+    /// Removes the oldest job, finished, for its retirement: its credits come back.
+    fn pop_oldest(&mut self) -> Option<Node<T>> {
+        let mut node = self.jobs.pop_front()?;
+        let (_, mut counters) = self.split();
+        let this = node.as_mut().project();
+        counters.leave(this.state, *this.credits);
+        *this.state = JobState::Finished;
+        trace::job_done(this.done.fence());
+        Some(node)
+    }
+
     /// Whether the run path and the deadline and timeout work leave the queue's jobs alone: it is
     /// stopped, dead or dying. The retire work still retires the jobs that finished.
     fn halted(&self) -> bool {
@@ -1239,14 +1250,9 @@ impl<T: Backend> Inner<T> {
                 proc.retire_busy = armed;
                 return (taken, false);
             }
-            let Some(mut node) = proc.jobs.pop_front() else {
+            let Some(node) = proc.pop_oldest() else {
                 break;
             };
-            let (_, mut counters) = proc.split();
-            let this = node.as_mut().project();
-            counters.leave(this.state, *this.credits);
-            *this.state = JobState::Finished;
-            trace::job_done(this.done.fence());
             batch[taken] = Some(node);
             taken += 1;
         }
@@ -1980,17 +1986,10 @@ impl<T: Backend> Drop for JobQueue<T> {
         // `take_submitted`) may still be on the list.
         inner.drop_retired();
         loop {
-            let node = {
-                let mut proc = inner.lock();
-                let Some(mut node) = proc.jobs.pop_front() else {
-                    break;
-                };
-                // `finish_all` has finished every job; the counters stay right whatever it left.
-                let (_, mut counters) = proc.split();
-                let this = node.as_mut().project();
-                counters.leave(this.state, *this.credits);
-                trace::job_done(this.done.fence());
-                node
+            // `finish_all` has finished every job. The guard goes at the end of the statement:
+            // the job is dropped without the lock.
+            let Some(node) = inner.lock().pop_oldest() else {
+                break;
             };
             inner.release_slots(1);
             inner.drop_job(node);
