@@ -42,6 +42,10 @@ static unsigned int reps = 5;
 module_param(reps, uint, 0444);
 MODULE_PARM_DESC(reps, "Repetitions of each workload");
 
+static bool floors = true;
+module_param(floors, bool, 0444);
+MODULE_PARM_DESC(floors, "Measure the two floors after drm_sched (default: yes)");
+
 /* The same constants and workloads as jobqueue_bench.rs. */
 #define BENCH_CAPACITY		1024
 #define BENCH_TIMEOUT_MS	10000
@@ -721,15 +725,17 @@ static const struct dma_fence_ops floor_fence_ops = {
 	.get_timeline_name = floor_timeline_name,
 };
 
-static struct floor_fence *floor_fence_new(u64 context, u64 seqno)
+/* A new fence with @callback added, or called at once if it cannot be added. */
+static struct floor_fence *floor_fence_new(u64 context, u64 seqno,
+					   dma_fence_func_t callback)
 {
 	struct floor_fence *f = kmalloc_obj(*f);
 
 	if (!f)
 		return NULL;
 	dma_fence_init64(&f->base, &floor_fence_ops, NULL, context, seqno);
-	if (dma_fence_add_callback(&f->base, &f->cb, floor_callback))
-		floor_callback(&f->base, &f->cb);
+	if (dma_fence_add_callback(&f->base, &f->cb, callback))
+		callback(&f->base, &f->cb);
 	return f;
 }
 
@@ -743,7 +749,7 @@ static int floor_rep(const struct bench_workload *w, struct rep_result *res)
 	atomic_set(&floor_callbacks, 0);
 	start = ktime_get();
 	for (i = 0; i < w->jobs; i++) {
-		f = floor_fence_new(context, i + 1);
+		f = floor_fence_new(context, i + 1, floor_callback);
 		if (!f)
 			return -ENOMEM;
 		dma_fence_signal(&f->base);
@@ -791,14 +797,11 @@ static int ring_floor_rep(const struct bench_workload *w, struct rep_result *res
 	reinit_completion(&ring_floor_done);
 	start = ktime_get();
 	for (i = 0; i < w->jobs; i++) {
-		f = kmalloc_obj(*f);
+		f = floor_fence_new(context, i + 1, ring_floor_callback);
 		if (!f) {
 			ret = -ENOMEM;
 			break;
 		}
-		dma_fence_init64(&f->base, &floor_fence_ops, NULL, context, i + 1);
-		if (dma_fence_add_callback(&f->base, &f->cb, ring_floor_callback))
-			ring_floor_callback(&f->base, &f->cb);
 		/* The FIFO takes the reference; the ring has room for every job. */
 		ring_push(ring, &f->base);
 	}
@@ -832,7 +835,7 @@ static int floor_memory_rep(const struct bench_workload *w, struct rep_result *r
 			slab_before = slab_bytes();
 			free_before = si_free();
 		}
-		fences[i] = floor_fence_new(context, i + 1);
+		fences[i] = floor_fence_new(context, i + 1, floor_callback);
 		if (!fences[i])
 			ret = -ENOMEM;
 	}
@@ -983,6 +986,8 @@ static int __init drm_sched_bench_init(void)
 		if (workloads & BIT(i))
 			bench_workload("drm_sched", &bench_workloads[i], n);
 	pr_info("jq-bench: impl=drm_sched end\n");
+	if (!floors)
+		goto out;
 
 	pr_info("jq-bench: impl=floor begin\n");
 	for (i = 0; i < ARRAY_SIZE(bench_workloads); i++)
@@ -995,7 +1000,7 @@ static int __init drm_sched_bench_init(void)
 		if (workloads & BIT(i) && bench_workloads[i].shape != SHAPE_MEMORY)
 			bench_workload("ring-floor", &bench_workloads[i], n);
 	pr_info("jq-bench: impl=ring-floor end\n");
-
+out:
 	bench_dev = NULL;
 	faux_device_destroy(fdev);
 	return 0;
