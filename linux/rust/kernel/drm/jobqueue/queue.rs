@@ -1403,51 +1403,85 @@ impl<T: Backend> Inner<T> {
                 return;
             }
         }
-        if let Some((domain, mut members)) = domain {
-            // Stopped before the lock goes: nothing reruns or ends the job meanwhile.
-            proc.stop();
-            trace::queue_stop(self.name, self.fence_ctx.context());
-            drop(guard);
-            domain.timed_out(&mut members, self, seqno);
-            return;
+        // Stopped before the lock goes: nothing reruns or ends the job meanwhile.
+        proc.stop();
+        trace::queue_stop(self.name, self.fence_ctx.context());
+        drop(guard);
+        match domain {
+            Some((domain, mut members)) => domain.timed_out(&mut members, self, seqno),
+            // A queue outside a domain recovers as a domain of one.
+            None => {
+                Self::recover_timeout(core::slice::from_ref(self), self, seqno);
+            }
         }
-        // Detach first: the backend may signal the hardware fences while it resets the ring.
-        proc.detach_running();
-        let Some(node) = proc.jobs.get_mut(seqno) else {
-            return;
+    }
+
+    /// Handles the timeout of job `seqno` of `guilty`, stopped since the timeout was found, for
+    /// `queues`, which stop and recover together and include `guilty`: see [`ResetDomain`].
+    /// Returns what the backend decided.
+    fn recover_timeout(queues: &[Arc<Self>], guilty: &Arc<Self>, seqno: u64) -> TimeoutAction {
+        for queue in queues {
+            if !Arc::ptr_eq(queue, guilty) {
+                queue.stop();
+            }
+        }
+        let action = guilty.call_timed_out(seqno);
+        let (recovery, seqno) = match action {
+            TimeoutAction::NoHang => (Recovery::Continue, None),
+            TimeoutAction::Reset(recovery) => (recovery, Some(seqno)),
+            // Until `JobQueue::reset_done`.
+            TimeoutAction::ResetLater => return action,
+            TimeoutAction::DeviceGone => {
+                for queue in queues {
+                    let mut proc = queue.lock();
+                    queue.close(&mut proc);
+                    proc.finish_all(ENODEV);
+                }
+                (Recovery::Continue, None)
+            }
         };
+        Self::resume_queues(queues, guilty, recovery, seqno);
+        action
+    }
+
+    /// Calls [`Backend::timed_out`] for job `seqno`, stopped since it was found timed out, if it
+    /// is still on the hardware and not done, and the queue alive: otherwise the job finished
+    /// meanwhile, or the queue is being dropped, and there is nothing to recover
+    /// ([`TimeoutAction::NoHang`]).
+    fn call_timed_out(&self, seqno: u64) -> TimeoutAction {
+        let mut guard = self.lock();
+        let proc = &mut *guard;
+        let alive = proc.life == Life::Alive;
+        let Some(node) = proc.jobs.get_mut(seqno) else {
+            return TimeoutAction::NoHang;
+        };
+        if !alive || !matches!(&node.state, JobState::Running { hw, .. } if hw.status().is_none()) {
+            return TimeoutAction::NoHang;
+        }
         let action = self.backend.timed_out(JobRef::new(node.as_mut()));
         trace::job_timeout(self.name, node.done.fence(), action);
         match action {
             TimeoutAction::NoHang => {
-                if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
+                if let JobState::Running { started, .. } = node.as_mut().project().state {
                     *started = Instant::now();
                 }
-                proc.recover(Recovery::Continue, None);
             }
-            TimeoutAction::Reset(recovery) => proc.recover(recovery, Some(seqno)),
-            TimeoutAction::ResetLater => {
-                // Stopped, as by `JobQueue::stop`, until `JobQueue::reset_done` (its jobs are
-                // detached already).
-                proc.stop();
-                proc.reset_guilty = Some(seqno);
-                // With the lock held, as the start: `reset_done` may run as soon as it goes.
-                trace::queue_stop(self.name, self.fence_ctx.context());
-                drop(guard);
-                return;
-            }
-            TimeoutAction::DeviceGone => {
-                self.close(proc);
-                proc.finish_all(ENODEV);
-            }
+            TimeoutAction::ResetLater => proc.reset_guilty = Some(seqno),
+            TimeoutAction::Reset(_) | TimeoutAction::DeviceGone => {}
         }
-        // Every job left on the hardware is watched again.
-        let rearm = proc.running > 0;
-        drop(guard);
-        self.kick_run();
-        self.kick_retire();
-        if let (true, Some(timeout)) = (rearm, self.timeout) {
-            self.arm_timeout(timeout);
+        action
+    }
+
+    /// Resumes `queues` after a timeout or a reset of `guilty`'s job `seqno`, if any.
+    fn resume_queues(
+        queues: &[Arc<Self>],
+        guilty: &Arc<Self>,
+        recovery: Recovery,
+        seqno: Option<u64>,
+    ) {
+        for queue in queues {
+            let is_guilty = Arc::ptr_eq(queue, guilty);
+            queue.resume(recovery, seqno.filter(|_| is_guilty));
         }
     }
 
@@ -2209,58 +2243,10 @@ impl<T: Backend> ResetDomain<T> {
     /// Handles the timeout of job `seqno` of `guilty`, for the whole domain, with the domain's
     /// lock held since the timeout was found and `guilty` stopped since.
     fn timed_out(&self, members: &mut Members<T>, guilty: &Arc<Inner<T>>, seqno: u64) {
-        for member in members.list.iter() {
-            if !Arc::ptr_eq(member, guilty) {
-                member.stop();
-            }
-        }
-        let action = {
-            let mut guard = guilty.lock();
-            let proc = &mut *guard;
-            let ended = proc.life != Life::Alive;
-            match proc.jobs.get_mut(seqno) {
-                // Still on the hardware and not done: the backend decides.
-                Some(node)
-                    if !ended
-                        && matches!(&node.state,
-                                    JobState::Running { hw, .. } if hw.status().is_none()) =>
-                {
-                    let action = guilty.backend.timed_out(JobRef::new(node.as_mut()));
-                    trace::job_timeout(guilty.name, node.done.fence(), action);
-                    match action {
-                        TimeoutAction::NoHang => {
-                            if let JobState::Running { started, .. } = node.as_mut().project().state
-                            {
-                                *started = Instant::now();
-                            }
-                        }
-                        TimeoutAction::ResetLater => proc.reset_guilty = Some(seqno),
-                        TimeoutAction::Reset(_) | TimeoutAction::DeviceGone => {}
-                    }
-                    action
-                }
-                // It finished while the domain stopped.
-                _ => TimeoutAction::NoHang,
-            }
-        };
-        match action {
-            TimeoutAction::NoHang => {
-                Self::resume_members(&members.list, guilty, Recovery::Continue, None);
-            }
-            TimeoutAction::Reset(recovery) => {
-                Self::resume_members(&members.list, guilty, recovery, Some(seqno));
-            }
-            // Until `JobQueue::reset_done`.
+        match Inner::recover_timeout(&members.list, guilty, seqno) {
             TimeoutAction::ResetLater => members.stopped = true,
-            TimeoutAction::DeviceGone => {
-                members.gone = true;
-                for member in members.list.iter() {
-                    let mut proc = member.lock();
-                    member.close(&mut proc);
-                    proc.finish_all(ENODEV);
-                }
-                Self::resume_members(&members.list, guilty, Recovery::Continue, None);
-            }
+            TimeoutAction::DeviceGone => members.gone = true,
+            TimeoutAction::NoHang | TimeoutAction::Reset(_) => {}
         }
     }
 
@@ -2268,19 +2254,7 @@ impl<T: Backend> ResetDomain<T> {
     fn resume_all(&self, guilty: &Arc<Inner<T>>, recovery: Recovery, seqno: u64) {
         let mut members = self.members.lock();
         members.stopped = false;
-        Self::resume_members(&members.list, guilty, recovery, Some(seqno));
-    }
-
-    fn resume_members(
-        members: &KVec<Arc<Inner<T>>>,
-        guilty: &Arc<Inner<T>>,
-        recovery: Recovery,
-        seqno: Option<u64>,
-    ) {
-        for member in members.iter() {
-            let is_guilty = Arc::ptr_eq(member, guilty);
-            member.resume(recovery, seqno.filter(|_| is_guilty));
-        }
+        Inner::resume_queues(&members.list, guilty, recovery, Some(seqno));
     }
 }
 
