@@ -208,28 +208,74 @@ type DeadlineHook<T> = EnqueueWork<Inner<T>, DEADLINE>;
 /// `Proc::next_release` reaches it. A job that failed without running does not hold back the
 /// jobs behind it from running; it only holds back their release, so that done fences signal in
 /// order.
-pub(super) enum JobState<T: Backend> {
+///
+/// | from | to | when |
+/// |---|---|---|
+/// | `Waiting` | `Running` (`Unreleased`) | run: [`Backend::run`] returned a pending fence |
+/// | `Waiting` | `Ended` | run: a dependency or `run` failed, or the hardware was done already |
+/// | `Running` (`Unreleased`) | `Running` (`Following`) | release |
+/// | `Running` (`Following`) | `Running` (`Detached`) | a stop, a timeout, teardown |
+/// | `Running` (`Detached`) | `Running` (`Following`) | a recovery: [`Recovery::Continue`] |
+/// | `Running` (not `Following`) | `Waiting` | a recovery: [`Recovery::Resubmit`] |
+/// | `Running` (`Unreleased`) | `Ended` | a recovery ends it: timed out, cancelled or done |
+/// | `Running` (`Detached`) | `Finished` | a recovery ends it, as above |
+/// | `Ended` | `Finished` | release: the done fence signals the outcome |
+/// | not `Finished`, not `Following` | `Finished` | teardown, device gone ([`Proc::finish_all`]) |
+/// | `Running` (`Following`) | `Finished` | retire, once the hardware fence signalled |
+/// | `Finished` | `Retired` | retire: handed to the drop work, which drops it |
+enum JobState<T: Backend> {
     /// Not handed to the hardware (yet, or again after a reset), with the dependencies it may
-    /// still have to wait for. With an outcome ([`JobNode::outcome`]), the job ended without its
-    /// hardware fence (it failed, was cancelled, or a reset found it done) and waits for its
-    /// release.
-    Waiting { deps: KVec<ARef<DmaFence>> },
-    /// Handed to the hardware, holding its credits. `attached` while the done fence follows
-    /// `hw`: from the release until a stop, a timeout or teardown detaches it.
+    /// still have to wait for, and the error of the first that failed: then the job does not
+    /// run, and ends with that error once it is its turn to run.
+    Waiting {
+        deps: KVec<ARef<DmaFence>>,
+        failed: Option<Error>,
+    },
+    /// Ended without its hardware fence (a dependency or `run` failed, the hardware was done
+    /// before `run` returned, or a recovery ended it before its release): its done fence
+    /// signals `outcome` at its release, in order.
+    Ended(Outcome),
+    /// Handed to the hardware, holding its credits, since `started` as far as the timeout goes.
     Running {
         hw: ARef<DmaFence>,
         started: Instant<Monotonic>,
-        attached: bool,
+        link: Link,
         /// The deadline last given to [`Backend::deadline`] for this run, in nanoseconds of the
         /// monotonic clock, or [`NOT_TOLD`]: an `Option<Instant>` would make every job's node 8
         /// bytes larger (see `node_size` in the tests).
         deadline_told: i64,
     },
-    /// The done fence has signalled.
-    Finished,
+    /// The done fence has signalled; `cancelled` is the error of a job that ended without the
+    /// hardware completing it, for [`Backend::cancelled`].
+    Finished { cancelled: Option<Error> },
     /// Retired, its slot given back, in the list of jobs for the drop work ([`RetiredJobs`]),
-    /// linked to the job retired before it.
-    Retired { older: Option<Node<T>> },
+    /// linked to the job retired before it; `cancelled` as in [`JobState::Finished`].
+    Retired {
+        older: Option<Node<T>>,
+        cancelled: Option<Error>,
+    },
+}
+
+impl<T: Backend> JobState<T> {
+    /// The error to give [`Backend::cancelled`] once the job is dropped, if it was cancelled.
+    fn cancelled(&self) -> Option<Error> {
+        match self {
+            JobState::Finished { cancelled } | JobState::Retired { cancelled, .. } => *cancelled,
+            _ => None,
+        }
+    }
+}
+
+/// How the done fence of a job on the hardware relates to the job's hardware fence.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not released yet: the done fence signals after those of the jobs before it.
+    Unreleased,
+    /// Released: the done fence follows the hardware fence, and signals with it.
+    Following,
+    /// Released, then detached by a stop, a timeout or teardown: the hardware fence no longer
+    /// signals the done fence, and a recovery decides how the job ends.
+    Detached,
 }
 
 /// How a job ends without its hardware fence.
@@ -261,9 +307,6 @@ enum Life {
 pub(super) struct JobNode<T: Backend> {
     pub(super) payload: T::Job,
     pub(super) credits: u32,
-    /// How the job ends without its hardware fence, once that is known; a job that finished
-    /// cancelled keeps `Cancelled(e)` here for [`Backend::cancelled`].
-    outcome: Option<Outcome>,
     state: JobState<T>,
     #[pin]
     pub(super) done: ProxyFence<DeadlineHook<T>>,
@@ -277,8 +320,10 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 /// # Invariants
 ///
 /// - `next_release <= next_run`: a job is released only after it ran (or was found not to run).
-/// - A job from `next_release` to before `next_run` in [`JobState::Waiting`] has an outcome: it
-///   ended without its hardware fence and waits for its release.
+/// - A job from `next_release` to before `next_run` is not in [`JobState::Waiting`]: it runs, or
+///   it ended ([`JobState::Ended`]) and waits for its release.
+/// - A job before `next_release` in [`JobState::Running`] is not [`Link::Unreleased`]: its done
+///   fence was released.
 /// - `credits_in_use <= capacity`: the sum of the credits of the jobs in
 ///   [`JobState::Running`].
 /// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
@@ -384,8 +429,10 @@ impl<T: Backend> RetiredJobs<T> {
     fn push(&mut self, mut node: Node<T>) {
         // INVARIANT: `node` is `Retired`, linked to the job that was the newest, and one job
         // more is counted.
-        *node.as_mut().project().state = JobState::Retired {
+        let state = node.as_mut().project().state;
+        *state = JobState::Retired {
             older: self.newest.take(),
+            cancelled: state.cancelled(),
         };
         self.newest = Some(node);
         self.len += 1;
@@ -395,7 +442,7 @@ impl<T: Backend> RetiredJobs<T> {
     fn pop(&mut self) -> Option<Node<T>> {
         let mut node = self.newest.take()?;
         // By the invariants, `node` is `Retired` and `older` the rest of the list.
-        if let JobState::Retired { older } = node.as_mut().project().state {
+        if let JobState::Retired { older, .. } = node.as_mut().project().state {
             self.newest = older.take();
         }
         // INVARIANT: The rest of the list is the list, and one job less is counted.
@@ -507,18 +554,16 @@ inner_work_items! {
 /// Signals the done fence of `node` with the error of `outcome`, and marks the job finished.
 fn finish<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>, outcome: Outcome) {
     let this = node.project();
-    let result = match outcome {
-        Outcome::Completed(result) => result,
+    let (result, cancelled) = match outcome {
+        Outcome::Completed(result) => (result, None),
         Outcome::Cancelled(e) => {
             trace::job_cancel(this.done.fence(), e);
-            // For the cancelled hook, when the job is dropped.
-            *this.outcome = Some(outcome);
-            Err(e)
+            (Err(e), Some(e))
         }
     };
     this.done.signal(result);
     counters.leave(this.state, *this.credits);
-    *this.state = JobState::Finished;
+    *this.state = JobState::Finished { cancelled };
 }
 
 /// Ends a running job with `outcome`: now if it was released, otherwise at its release, in
@@ -536,15 +581,13 @@ fn end<T: Backend>(
     let this = node.project();
     counters.leave(this.state, *this.credits);
     *counters.waiting += 1;
-    *this.outcome = Some(outcome);
-    *this.state = JobState::Waiting { deps: KVec::new() };
+    *this.state = JobState::Ended(outcome);
 }
 
 /// Drops the signalled dependencies of a waiting job, keeping the first error, and returns the
 /// first one still pending.
 fn next_dependency<T: Backend>(node: Pin<&mut JobNode<T>>) -> Option<ARef<DmaFence>> {
-    let this = node.project();
-    let JobState::Waiting { deps } = this.state else {
+    let JobState::Waiting { deps, failed } = node.project().state else {
         return None;
     };
     while let Some(dep) = deps.last() {
@@ -552,39 +595,12 @@ fn next_dependency<T: Backend>(node: Pin<&mut JobNode<T>>) -> Option<ARef<DmaFen
             None => return Some(dep.clone()),
             Some(result) => {
                 if let Err(e) = result {
-                    this.outcome.get_or_insert(Outcome::Cancelled(e));
+                    failed.get_or_insert(e);
                 }
                 deps.pop();
             }
         }
     }
-    None
-}
-
-/// Records what `run` returned for a job.
-///
-/// Returns [`None`] if the job is now running (its release makes the done fence follow the
-/// hardware fence), or how it ended without the hardware, with the hardware fence if the
-/// hardware was done before `run` returned.
-fn attach<T: Backend>(
-    node: Pin<&mut JobNode<T>>,
-    hw: Result<ARef<DmaFence>>,
-) -> Option<(Outcome, Option<ARef<DmaFence>>)> {
-    let hw = match hw {
-        Ok(hw) => hw,
-        Err(e) => return Some((Outcome::Cancelled(e), None)),
-    };
-    if let Some(result) = hw.status() {
-        // Signalled already: the done fence must still wait for the jobs before it.
-        return Some((Outcome::Completed(result), Some(hw)));
-    }
-    let this = node.project();
-    *this.state = JobState::Running {
-        hw,
-        started: Instant::now(),
-        attached: false,
-        deadline_told: NOT_TOLD,
-    };
     None
 }
 
@@ -608,12 +624,12 @@ impl Counters<'_> {
     /// Accounts for a job leaving `state`, giving back its credits.
     fn leave<T: Backend>(&mut self, state: &JobState<T>, credits: u32) {
         match state {
-            JobState::Waiting { .. } => *self.waiting -= 1,
+            JobState::Waiting { .. } | JobState::Ended(_) => *self.waiting -= 1,
             JobState::Running { .. } => {
                 *self.running -= 1;
                 *self.credits_in_use -= credits;
             }
-            JobState::Finished | JobState::Retired { .. } => {}
+            JobState::Finished { .. } | JobState::Retired { .. } => {}
         }
     }
 }
@@ -630,8 +646,8 @@ enum Step {
     Started,
     /// The next job ended without the hardware.
     Ended,
-    /// The next job had run already, or the dependency it waited for signalled meanwhile: look
-    /// again.
+    /// The next job had run or ended already (a recovery moved the cursor back), or the
+    /// dependency it waited for signalled meanwhile: look again.
     Skipped,
 }
 
@@ -642,7 +658,10 @@ impl<T: Backend> Proc<T> {
         let (_, mut counters) = self.split();
         let this = node.as_mut().project();
         counters.leave(this.state, *this.credits);
-        *this.state = JobState::Finished;
+        if let JobState::Running { .. } = this.state {
+            // Its done fence followed the hardware fence.
+            *this.state = JobState::Finished { cancelled: None };
+        }
         trace::job_done(this.done.fence());
         Some(node)
     }
@@ -668,15 +687,16 @@ impl<T: Backend> Proc<T> {
     fn detach_running(&mut self) {
         for (_, node) in self.jobs.iter_mut() {
             let this = node.as_mut().project();
-            if let JobState::Running { attached, .. } = this.state {
-                if *attached && this.done.detach() {
-                    *attached = false;
+            if let JobState::Running { link, .. } = this.state {
+                if *link == Link::Following && this.done.detach() {
+                    *link = Link::Detached;
                 }
             }
         }
     }
 
-    /// Recovers the detached running jobs as `recovery` says; `guilty` times out.
+    /// Recovers the running jobs whose done fence does not follow their hardware fence (detached
+    /// or not released yet) as `recovery` says; `guilty` times out.
     ///
     /// A job whose hardware fence signalled success has completed, whatever `recovery` says: it
     /// is neither run again nor failed, unless a job before it is resubmitted (the ring then
@@ -684,18 +704,14 @@ impl<T: Backend> Proc<T> {
     /// signalled by the reset itself: `recovery` decides.
     fn recover(&mut self, recovery: Recovery, guilty: Option<u64>) {
         let mut resubmit_from = None;
-        let next_release = self.next_release;
         let (jobs, mut counters) = self.split();
         for (seqno, node) in jobs.iter_mut() {
-            let hw_result = match &node.state {
-                JobState::Running {
-                    hw,
-                    attached: false,
-                    ..
-                } => hw.status(),
+            let (hw_result, released) = match &node.state {
+                JobState::Running { hw, link, .. } if *link != Link::Following => {
+                    (hw.status(), *link == Link::Detached)
+                }
                 _ => continue,
             };
-            let released = seqno < next_release;
             let completed = hw_result == Some(Ok(())) && resubmit_from.is_none();
             let outcome = if completed {
                 Some(Outcome::Completed(Ok(())))
@@ -713,7 +729,10 @@ impl<T: Backend> Proc<T> {
                         let this = node.as_mut().project();
                         counters.leave(this.state, *this.credits);
                         *counters.waiting += 1;
-                        *this.state = JobState::Waiting { deps: KVec::new() };
+                        *this.state = JobState::Waiting {
+                            deps: KVec::new(),
+                            failed: None,
+                        };
                         resubmit_from.get_or_insert(seqno);
                         None
                     }
@@ -743,17 +762,17 @@ impl<T: Backend> Proc<T> {
         let (jobs, mut counters) = self.split();
         for (_, node) in jobs.iter_mut() {
             let outcome = match &node.state {
-                JobState::Waiting { .. } => node.outcome.unwrap_or(Outcome::Cancelled(error)),
-                JobState::Running {
-                    hw,
-                    attached: false,
-                    ..
-                } => match hw.status() {
-                    Some(Ok(())) => Outcome::Completed(Ok(())),
-                    // An error may come from the reset or the stop: `error` says why.
-                    _ => Outcome::Cancelled(error),
-                },
-                JobState::Running { .. } | JobState::Finished | JobState::Retired { .. } => {
+                JobState::Waiting { failed, .. } => Outcome::Cancelled(failed.unwrap_or(error)),
+                JobState::Ended(outcome) => *outcome,
+                JobState::Running { hw, link, .. } if *link != Link::Following => {
+                    match hw.status() {
+                        Some(Ok(())) => Outcome::Completed(Ok(())),
+                        // An error may come from the reset or the stop: `error` says why.
+                        _ => Outcome::Cancelled(error),
+                    }
+                }
+                // Signalled by its hardware fence.
+                JobState::Running { .. } | JobState::Finished { .. } | JobState::Retired { .. } => {
                     continue
                 }
             };
@@ -802,11 +821,11 @@ impl<T: Backend> JobNode<T> {
     /// Makes the done fence of a released running job follow its hardware fence again.
     fn reattach(self: Pin<&mut Self>) {
         let this = self.project();
-        if let JobState::Running { hw, attached, .. } = this.state {
+        if let JobState::Running { hw, link, .. } = this.state {
             // The hardware fence's level was accepted at the release, or it signalled since
             // (then its level reads 0): this cannot fail.
             if this.done.follow(hw.clone()).is_ok() {
-                *attached = true;
+                *link = Link::Following;
             }
         }
     }
@@ -846,7 +865,7 @@ impl<T: Backend> Inner<T> {
         let mut lost = RetiredJobs::new();
         for node in taken.drain_all() {
             let deps = match &node.state {
-                JobState::Waiting { deps } => deps.len(),
+                JobState::Waiting { deps, .. } => deps.len(),
                 _ => 0,
             };
             trace::job_queue(
@@ -1064,9 +1083,12 @@ impl<T: Backend> Inner<T> {
             // It signalled meanwhile: look again.
             return Step::Skipped;
         }
-        if node.outcome.is_some() {
-            // A dependency failed, or the job ended before a reset made the queue look at it
-            // again: it does not run.
+        if let JobState::Waiting {
+            failed: Some(e), ..
+        } = node.state
+        {
+            // A dependency failed: the job does not run.
+            *node.as_mut().project().state = JobState::Ended(Outcome::Cancelled(e));
             proc.next_run += 1;
             return Step::Ended;
         }
@@ -1079,39 +1101,41 @@ impl<T: Backend> Inner<T> {
         }
         let hw = self.backend.run(JobRef::new(node.as_mut()));
         proc.next_run += 1;
-        match attach(node.as_mut(), hw) {
-            None => {
-                proc.credits_in_use += credits;
-                proc.waiting -= 1;
-                proc.running += 1;
-                if let JobState::Running { hw, .. } = &node.state {
-                    trace::job_run(
-                        self.name,
-                        node.done.fence(),
-                        hw,
-                        proc.waiting,
-                        proc.credits_in_use,
-                    );
-                }
-                // A deadline set while the job waited.
-                self.tell_deadline(node.as_mut());
-                Step::Started
+        let hw = match hw {
+            Ok(hw) => hw,
+            Err(e) => {
+                *node.as_mut().project().state = JobState::Ended(Outcome::Cancelled(e));
+                return Step::Ended;
             }
-            Some((outcome, done_hw)) => {
-                // The hardware was done before `run` returned: it ran all the same.
-                if let Some(hw) = done_hw {
-                    trace::job_run(
-                        self.name,
-                        node.done.fence(),
-                        &hw,
-                        proc.waiting,
-                        proc.credits_in_use,
-                    );
-                }
-                *node.as_mut().project().outcome = Some(outcome);
-                Step::Ended
-            }
+        };
+        let hw_result = hw.status();
+        if hw_result.is_none() {
+            proc.credits_in_use += credits;
+            proc.waiting -= 1;
+            proc.running += 1;
         }
+        trace::job_run(
+            self.name,
+            node.done.fence(),
+            &hw,
+            proc.waiting,
+            proc.credits_in_use,
+        );
+        if let Some(result) = hw_result {
+            // The hardware was done before `run` returned: the job ran, and its done fence
+            // signals with the result at its release, after those of the jobs before it.
+            *node.as_mut().project().state = JobState::Ended(Outcome::Completed(result));
+            return Step::Ended;
+        }
+        *node.as_mut().project().state = JobState::Running {
+            hw,
+            started: Instant::now(),
+            link: Link::Unreleased,
+            deadline_told: NOT_TOLD,
+        };
+        // A deadline set while the job waited.
+        self.tell_deadline(node.as_mut());
+        Step::Started
     }
 
     /// Releases the done fences of the jobs that ran, in order: a running job's done fence
@@ -1129,7 +1153,7 @@ impl<T: Backend> Inner<T> {
             match &node.state {
                 JobState::Running {
                     hw,
-                    attached: false,
+                    link: Link::Unreleased,
                     ..
                 } => {
                     let hw = hw.clone();
@@ -1148,14 +1172,14 @@ impl<T: Backend> Inner<T> {
                         // It signalled meanwhile (its level now reads 0): follow it.
                         continue;
                     }
-                    if let JobState::Running { attached, .. } = this.state {
-                        *attached = true;
+                    if let JobState::Running { link, .. } = this.state {
+                        *link = Link::Following;
                     }
                     proc.last_released = Some(this.done.fence().clone());
                 }
-                JobState::Running { .. } | JobState::Finished | JobState::Retired { .. } => {}
-                JobState::Waiting { .. } => {
-                    // The job ended without the hardware: after the jobs before it, in order.
+                JobState::Ended(outcome) => {
+                    // After the jobs before it, in order.
+                    let outcome = *outcome;
                     if let Some(prev) = proc.last_released.clone() {
                         if prev.status().is_none() {
                             if wait_on(&mut proc.release_cb, prev) {
@@ -1164,8 +1188,6 @@ impl<T: Backend> Inner<T> {
                             continue;
                         }
                     }
-                    // It has an outcome (`Proc`'s invariants): `EINVAL` is never used.
-                    let outcome = node.outcome.unwrap_or(Outcome::Cancelled(EINVAL));
                     let mut counters = Counters {
                         credits_in_use: &mut proc.credits_in_use,
                         waiting: &mut proc.waiting,
@@ -1175,6 +1197,12 @@ impl<T: Backend> Inner<T> {
                     proc.last_released = None;
                     finished = true;
                 }
+                // Released before a recovery moved the cursor back, or finished. A waiting job
+                // is not between the cursors (`Proc`'s invariants).
+                JobState::Running { .. }
+                | JobState::Waiting { .. }
+                | JobState::Finished { .. }
+                | JobState::Retired { .. } => {}
             }
             proc.next_release += 1;
         }
@@ -1228,7 +1256,7 @@ impl<T: Backend> Inner<T> {
                 return (taken, false);
             };
             let signalled = node.done.fence().status().is_some();
-            if !signalled || matches!(node.state, JobState::Waiting { .. }) {
+            if !signalled || matches!(node.state, JobState::Waiting { .. } | JobState::Ended(_)) {
                 let this = node.as_mut().project();
                 if let JobState::Running { started, .. } = this.state {
                     // The oldest job runs: it really started when the one before it finished,
@@ -1344,7 +1372,7 @@ impl<T: Backend> Inner<T> {
 
     /// Calls the cancelled hook if needed and drops a retired job, without the lock held.
     fn drop_job(&self, mut node: Pin<KBox<JobNode<T>>>) {
-        if let Some(Outcome::Cancelled(e)) = node.outcome {
+        if let Some(e) = node.state.cancelled() {
             self.backend.cancelled(JobRef::new(node.as_mut()), e);
         }
         drop(node);
@@ -1738,8 +1766,7 @@ impl<T: Backend> JobQueue<T> {
         let init = pin_init!(JobNode {
             payload,
             credits,
-            outcome: None,
-            state: JobState::Waiting { deps },
+            state: JobState::Waiting { deps, failed: None },
             done <- ProxyFence::with_deadline_hook(
                 done,
                 EnqueueWork::new(self.inner.wq.clone(), self.inner.clone()),
