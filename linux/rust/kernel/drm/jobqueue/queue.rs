@@ -4,12 +4,14 @@
 //!
 //! # Locking
 //!
-//! A queue has two locks; a [`ResetDomain`] adds a third. In the order they are taken:
+//! A queue has three locks. In the order they are taken:
 //!
-//! 1. `ResetDomain::members`, a mutex: the domain's queues, its pending reset and whether its
-//!    device is gone. Taken by the timeout of a queue of the domain, which holds it across
-//!    [`Backend::timed_out`], by the completion of a reset the driver finished later, and by a
-//!    queue that joins or leaves.
+//! 1. The recovery lock ([`Inner::lock_recovery`]), a mutex: `ResetDomain::members` in a
+//!    [`ResetDomain`], with the domain's queues, its pending reset and whether its device is
+//!    gone, or [`Inner::recovery`] outside one. Taken by the timeout and fault work, which hold it
+//!    from the stop of the queues to their resume, across [`Backend::timed_out`], by
+//!    [`JobQueue::stop`], the resume of a [`StoppedQueue`] and [`JobQueue::reset_done`], and by a
+//!    queue that joins or leaves a domain.
 //! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
 //!    the credits, and the queue's [`Life`] and stops. Taken by the run, retire, timeout, fault
 //!    and deadline work, stop and resume, and teardown, always through [`Inner::lock`];
@@ -134,6 +136,9 @@ fn drop_soon_timer_class() -> Pin<&'static LockClassKey> {
 fn domain_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
+fn recovery_lock_class() -> Pin<&'static LockClassKey> {
+    static_lock_class!()
+}
 fn submit_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
@@ -148,6 +153,7 @@ static DROP_WORK_NAME: &CStr = c"drm_jobqueue:drop_work";
 static DROP_SOON_NAME: &CStr = c"drm_jobqueue:drop_soon";
 static DROP_SOON_TIMER_NAME: &CStr = c"drm_jobqueue:drop_soon_timer";
 static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
+static RECOVERY_LOCK_NAME: &CStr = c"drm_jobqueue:recovery";
 static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 
 /// How many jobs the run work hands on before it lets go of the lock and queues itself again:
@@ -483,6 +489,9 @@ pub(super) struct Inner<T: Backend> {
     /// The reset domain the queue belongs to, if any: its timeout and fault work run on the
     /// domain's workqueue, and its timeouts stop and recover every queue of the domain.
     domain: Option<Arc<ResetDomain<T>>>,
+    /// Outside a domain, the lock the domain's would be: see [`Inner::lock_recovery`].
+    #[pin]
+    recovery: Mutex<()>,
     #[pin]
     proc: Mutex<Proc<T>>,
     #[pin]
@@ -1404,12 +1413,9 @@ impl<T: Backend> Inner<T> {
     /// long, or at once after a fault.
     fn check_timeout(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
-        // In a domain, the domain's lock first: the timeouts of its queues are handled one at a
-        // time, from the checks below to the end of the recovery.
-        let domain = self
-            .domain
-            .as_ref()
-            .map(|domain| (domain, domain.members.lock()));
+        // From the checks below to the end of the recovery: the timeouts of a domain are
+        // handled one at a time, and no stop or resume of the driver comes in between.
+        let recovering = self.lock_recovery();
         let mut guard = self.lock();
         let proc = &mut *guard;
         let fault = self.fault.xchg(false, ordering::Relaxed);
@@ -1435,12 +1441,24 @@ impl<T: Backend> Inner<T> {
         proc.stop();
         trace::queue_stop(self.name, self.fence_ctx.context());
         drop(guard);
-        match domain {
-            Some((domain, mut members)) => domain.timed_out(&mut members, self, seqno),
+        match recovering {
+            Recovering::Domain(domain, mut members) => domain.timed_out(&mut members, self, seqno),
             // A queue outside a domain recovers as a domain of one.
-            None => {
+            Recovering::Alone(_guard) => {
                 Self::recover_timeout(core::slice::from_ref(self), self, seqno);
             }
+        }
+    }
+
+    /// Takes the lock that the handling of a timeout holds from the stop of the queues to their
+    /// resume: the domain's, or the queue's own outside a domain. [`JobQueue::stop`], the resume
+    /// of a [`StoppedQueue`] and [`JobQueue::reset_done`] take it too, so that they do not come
+    /// in the middle of it: a resume there would make the done fences follow their hardware
+    /// fences again while the backend resets the ring.
+    fn lock_recovery(&self) -> Recovering<'_, T> {
+        match &self.domain {
+            Some(domain) => Recovering::Domain(domain, domain.members.lock()),
+            None => Recovering::Alone(self.recovery.lock()),
         }
     }
 
@@ -1480,6 +1498,9 @@ impl<T: Backend> Inner<T> {
         let mut guard = self.lock();
         let proc = &mut *guard;
         let alive = proc.life == Life::Alive;
+        // The queue is stopped, so its timeout paused, since `paused_at`: the resume shifts the
+        // start by the time since then.
+        let restart = proc.paused_at.unwrap_or_else(Instant::now);
         let Some(node) = proc.jobs.get_mut(seqno) else {
             return TimeoutAction::NoHang;
         };
@@ -1490,8 +1511,9 @@ impl<T: Backend> Inner<T> {
         trace::job_timeout(self.name, node.done.fence(), action);
         match action {
             TimeoutAction::NoHang => {
+                // Another full timeout from the resume.
                 if let JobState::Running { started, .. } = node.as_mut().project().state {
-                    *started = Instant::now();
+                    *started = restart;
                 }
             }
             TimeoutAction::ResetLater => proc.reset_guilty = Some(seqno),
@@ -1641,6 +1663,7 @@ impl<T: Backend> JobQueue<T> {
                 wq: inner_wq,
                 drop_wq,
                 domain,
+                recovery <- Mutex::new((), RECOVERY_LOCK_NAME, recovery_lock_class()),
                 proc <- Mutex::new(Proc {
                     jobs: ring,
                     intake,
@@ -1858,6 +1881,7 @@ impl<T: Backend> JobQueue<T> {
     /// # Ok::<(), Error>(())
     /// ```
     pub fn stop(&self) -> StoppedQueue<'_, T> {
+        let _recovering = self.inner.lock_recovery();
         self.inner.stop();
         StoppedQueue {
             queue: self,
@@ -1941,10 +1965,13 @@ impl<T: Backend> JobQueue<T> {
     /// # Ok::<(), Error>(())
     /// ```
     pub fn reset_done(&self, recovery: Recovery) -> Result {
+        let recovering = self.inner.lock_recovery();
         let guilty = self.inner.lock().reset_guilty.take().ok_or(EINVAL)?;
-        match &self.inner.domain {
-            Some(domain) => domain.resume_all(&self.inner, recovery, guilty),
-            None => self.inner.resume(recovery, Some(guilty)),
+        match recovering {
+            Recovering::Domain(_, mut members) => {
+                ResetDomain::resume_all(&mut members, &self.inner, recovery, guilty);
+            }
+            Recovering::Alone(_guard) => self.inner.resume(recovery, Some(guilty)),
         }
         Ok(())
     }
@@ -2058,6 +2085,10 @@ impl<T: Backend> Drop for JobQueue<T> {
         inner.run_work.flush();
         // No done fence of the queue wakes it any more: its proxies are gone with the jobs.
         inner.deadline_work.flush();
+        // A timeout handled while the queue started dying, or a run or retire that got past
+        // their check before it did, may have armed the timeout after it was flushed above.
+        // Nothing arms it any more: it returns at once if it fires now.
+        inner.timeout_work.flush();
     }
 }
 
@@ -2078,6 +2109,7 @@ impl<T: Backend> StoppedQueue<'_, T> {
             return;
         }
         self.resumed = true;
+        let _recovering = self.queue.inner.lock_recovery();
         self.queue.inner.resume(recovery, None);
     }
 }
@@ -2163,6 +2195,12 @@ pub struct ResetDomain<T: Backend> {
     /// one at a time. Nothing allocates under it.
     #[pin]
     members: Mutex<Members<T>>,
+}
+
+/// The lock of [`Inner::lock_recovery`], held.
+enum Recovering<'a, T: Backend> {
+    Domain(&'a ResetDomain<T>, MutexGuard<'a, Members<T>>),
+    Alone(MutexGuard<'a, ()>),
 }
 
 /// The queues of a [`ResetDomain`] and what they went through together.
@@ -2259,7 +2297,7 @@ impl<T: Backend> ResetDomain<T> {
                 "drm_jobqueue: {}: dropped with a reset pending; resuming its domain\n",
                 member.name
             );
-            self.resume_all(member, Recovery::Continue, seqno);
+            Self::resume_all(&mut self.members.lock(), member, Recovery::Continue, seqno);
             // The queue itself was taken out of the list: its stop is undone here.
             member.resume(Recovery::Continue, None);
         }
@@ -2277,9 +2315,13 @@ impl<T: Backend> ResetDomain<T> {
         }
     }
 
-    /// Resumes every queue after the reset of `guilty`'s job `seqno`.
-    fn resume_all(&self, guilty: &Arc<Inner<T>>, recovery: Recovery, seqno: u64) {
-        let mut members = self.members.lock();
+    /// Resumes every queue of `members`, the domain's, after the reset of `guilty`'s job `seqno`.
+    fn resume_all(
+        members: &mut Members<T>,
+        guilty: &Arc<Inner<T>>,
+        recovery: Recovery,
+        seqno: u64,
+    ) {
         members.stopped = false;
         Inner::resume_queues(&members.list, guilty, recovery, Some(seqno));
     }
