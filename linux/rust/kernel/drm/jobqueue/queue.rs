@@ -1442,7 +1442,7 @@ impl<T: Backend> Inner<T> {
         trace::queue_stop(self.name, self.fence_ctx.context());
         drop(guard);
         match recovering {
-            Recovering::Domain(domain, mut members) => domain.timed_out(&mut members, self, seqno),
+            Recovering::Domain(mut members) => ResetDomain::timed_out(&mut members, self, seqno),
             // A queue outside a domain recovers as a domain of one.
             Recovering::Alone(_guard) => {
                 Self::recover_timeout(core::slice::from_ref(self), self, seqno);
@@ -1457,7 +1457,7 @@ impl<T: Backend> Inner<T> {
     /// fences again while the backend resets the ring.
     fn lock_recovery(&self) -> Recovering<'_, T> {
         match &self.domain {
-            Some(domain) => Recovering::Domain(domain, domain.members.lock()),
+            Some(domain) => Recovering::Domain(domain.members.lock()),
             None => Recovering::Alone(self.recovery.lock()),
         }
     }
@@ -1497,14 +1497,16 @@ impl<T: Backend> Inner<T> {
     fn call_timed_out(&self, seqno: u64) -> TimeoutAction {
         let mut guard = self.lock();
         let proc = &mut *guard;
-        let alive = proc.life == Life::Alive;
+        if proc.life != Life::Alive {
+            return TimeoutAction::NoHang;
+        }
         // The queue is stopped, so its timeout paused, since `paused_at`: the resume shifts the
         // start by the time since then.
         let restart = proc.paused_at.unwrap_or_else(Instant::now);
         let Some(node) = proc.jobs.get_mut(seqno) else {
             return TimeoutAction::NoHang;
         };
-        if !alive || !matches!(&node.state, JobState::Running { hw, .. } if hw.status().is_none()) {
+        if !matches!(&node.state, JobState::Running { hw, .. } if hw.status().is_none()) {
             return TimeoutAction::NoHang;
         }
         let action = self.backend.timed_out(JobRef::new(node.as_mut()));
@@ -1815,7 +1817,8 @@ impl<T: Backend> JobQueue<T> {
     /// No job is handed to the hardware and no timeout fires until the returned guard resumes
     /// the queue. The jobs on the hardware are detached from their hardware fences: those that
     /// signal meanwhile are ignored, and [`StoppedQueue::resume`] decides their fate. Submission
-    /// keeps working. Sleeps; must not be called from a [`Backend`] method.
+    /// keeps working. Sleeps, waiting for a timeout being handled to end; must not be called from a
+    /// [`Backend`] method.
     ///
     /// # Examples
     ///
@@ -1968,7 +1971,7 @@ impl<T: Backend> JobQueue<T> {
         let recovering = self.inner.lock_recovery();
         let guilty = self.inner.lock().reset_guilty.take().ok_or(EINVAL)?;
         match recovering {
-            Recovering::Domain(_, mut members) => {
+            Recovering::Domain(mut members) => {
                 ResetDomain::resume_all(&mut members, &self.inner, recovery, guilty);
             }
             Recovering::Alone(_guard) => self.inner.resume(recovery, Some(guilty)),
@@ -2199,7 +2202,7 @@ pub struct ResetDomain<T: Backend> {
 
 /// The lock of [`Inner::lock_recovery`], held.
 enum Recovering<'a, T: Backend> {
-    Domain(&'a ResetDomain<T>, MutexGuard<'a, Members<T>>),
+    Domain(MutexGuard<'a, Members<T>>),
     Alone(MutexGuard<'a, ()>),
 }
 
@@ -2307,7 +2310,7 @@ impl<T: Backend> ResetDomain<T> {
 
     /// Handles the timeout of job `seqno` of `guilty`, for the whole domain, with the domain's
     /// lock held since the timeout was found and `guilty` stopped since.
-    fn timed_out(&self, members: &mut Members<T>, guilty: &Arc<Inner<T>>, seqno: u64) {
+    fn timed_out(members: &mut Members<T>, guilty: &Arc<Inner<T>>, seqno: u64) {
         match Inner::recover_timeout(&members.list, guilty, seqno) {
             TimeoutAction::ResetLater => members.stopped = true,
             TimeoutAction::DeviceGone => members.gone = true,
