@@ -971,36 +971,35 @@ out:
 	kfree(scratch);
 }
 
+/* Runs every workload of the mask on @impl; the ring floor has no memory workload. */
+static void bench_impl(const char *impl, unsigned int n)
+{
+	bool ring_floor = !strcmp(impl, "ring-floor");
+	unsigned int i;
+
+	pr_info("jq-bench: impl=%s begin\n", impl);
+	for (i = 0; i < ARRAY_SIZE(bench_workloads); i++)
+		if (workloads & BIT(i) &&
+		    !(ring_floor && bench_workloads[i].shape == SHAPE_MEMORY))
+			bench_workload(impl, &bench_workloads[i], n);
+	pr_info("jq-bench: impl=%s end\n", impl);
+}
+
 static int __init drm_sched_bench_init(void)
 {
 	struct faux_device *fdev;
-	unsigned int i, n = max(reps, 1U);
+	unsigned int n = max(reps, 1U);
 
 	fdev = faux_device_create("drm_sched_bench", NULL, NULL);
 	if (!fdev)
 		return -ENODEV;
 	bench_dev = &fdev->dev;
 
-	pr_info("jq-bench: impl=drm_sched begin\n");
-	for (i = 0; i < ARRAY_SIZE(bench_workloads); i++)
-		if (workloads & BIT(i))
-			bench_workload("drm_sched", &bench_workloads[i], n);
-	pr_info("jq-bench: impl=drm_sched end\n");
-	if (!floors)
-		goto out;
-
-	pr_info("jq-bench: impl=floor begin\n");
-	for (i = 0; i < ARRAY_SIZE(bench_workloads); i++)
-		if (workloads & BIT(i))
-			bench_workload("floor", &bench_workloads[i], n);
-	pr_info("jq-bench: impl=floor end\n");
-
-	pr_info("jq-bench: impl=ring-floor begin\n");
-	for (i = 0; i < ARRAY_SIZE(bench_workloads); i++)
-		if (workloads & BIT(i) && bench_workloads[i].shape != SHAPE_MEMORY)
-			bench_workload("ring-floor", &bench_workloads[i], n);
-	pr_info("jq-bench: impl=ring-floor end\n");
-out:
+	bench_impl("drm_sched", n);
+	if (floors) {
+		bench_impl("floor", n);
+		bench_impl("ring-floor", n);
+	}
 	bench_dev = NULL;
 	faux_device_destroy(fdev);
 	return 0;
