@@ -42,6 +42,10 @@ static unsigned int reps = 5;
 module_param(reps, uint, 0444);
 MODULE_PARM_DESC(reps, "Repetitions of each workload");
 
+static unsigned int ring_delay_ns;
+module_param(ring_delay_ns, uint, 0444);
+MODULE_PARM_DESC(ring_delay_ns, "Delay of the mock hardware's signals, in ns (default: none)");
+
 static bool floors = true;
 module_param(floors, bool, 0444);
 MODULE_PARM_DESC(floors, "Measure the two floors after drm_sched (default: yes)");
@@ -274,7 +278,7 @@ static int ring_push(struct bench_ring *ring, struct dma_fence *fence)
 	 * returning).
 	 */
 	if (was_empty)
-		hrtimer_start(&ring->timer, 0, HRTIMER_MODE_REL);
+		hrtimer_start(&ring->timer, ring_delay_ns, HRTIMER_MODE_REL);
 	return 0;
 }
 

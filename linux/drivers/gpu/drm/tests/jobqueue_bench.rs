@@ -130,6 +130,10 @@ module! {
             default: 5,
             description: "Repetitions of each workload",
         },
+        ring_delay_ns: u32 {
+            default: 0,
+            description: "Delay of the mock hardware's signals, in ns (default: none)",
+        },
     },
 }
 
@@ -271,8 +275,8 @@ struct Fifo {
     len: usize,
 }
 
-/// Mock hardware that completes every job at once, from hardirq context as an interrupt would:
-/// an hrtimer without delay signals the FIFO's fences.
+/// Mock hardware that completes every job at once, or after `ring_delay_ns`, from hardirq
+/// context as an interrupt would: an hrtimer signals the FIFO's fences.
 #[pin_data]
 struct MockRing {
     hw: FenceContext,
@@ -345,7 +349,8 @@ impl MockRing {
             // Dropping the previous handle waits for a callback that is still returning.
             let old = self.handle.lock().take();
             drop(old);
-            let handle = self.clone().start(Delta::ZERO);
+            let delay = i64::from(module_parameters::ring_delay_ns.value());
+            let handle = self.clone().start(Delta::from_nanos(delay));
             *self.handle.lock() = Some(handle);
         }
         Ok(())
