@@ -21,7 +21,7 @@ record, field by field:
   in order unless a reset resubmitted them;
 - every submitted job has exactly one job_done, after a job_run or job_cancel,
   with the error of its job_cancel if it has one;
-- queue_stop and queue_start alternate per queue;
+- every queue_start ends a queue_stop of its queue (stops nest);
 - the events the recording must show all fired, and nothing was lost;
 - every dma_fence created during the recording (dma_fence_init) signalled
   exactly once (dma_fence_signaled), whatever its driver, Rust or C.
@@ -189,9 +189,11 @@ def check(trace, tool, stats=None, raw=None, require=tuple(EVENTS)):
                 bad(f'{fence}: deps={g[4]} but {deps_seen.get(fence, 0)} job_add_dep events')
         elif kind in ('queue_stop', 'queue_start'):
             ctx = g[1]
-            if stopped.get(ctx, False) == (kind == 'queue_stop'):
-                bad(f'{kind} twice in a row on context {ctx}')
-            stopped[ctx] = kind == 'queue_stop'
+            # Stops nest (`JobQueue::stop`): each start ends one stop in force.
+            depth = stopped.get(ctx, 0)
+            if kind == 'queue_start' and depth == 0:
+                bad(f'queue_start without a stop in force on context {ctx}')
+            stopped[ctx] = depth + 1 if kind == 'queue_stop' else max(depth - 1, 0)
             if g[2:] == ('resubmit',):
                 resubmitted.add(ctx)
         elif fence not in queued:

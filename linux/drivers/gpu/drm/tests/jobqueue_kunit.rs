@@ -696,6 +696,21 @@ fn wait(fence: &DmaFence) -> Result {
     fence.wait_timeout(LONG)
 }
 
+/// Submits a job that hangs and one behind it to `f`, whose backend leaves resets to the driver
+/// ([`TimeoutAction::ResetLater`]), and returns their done fences once the first timed out.
+fn hang_until_reset_later(f: &Fixture) -> Result<(ARef<DmaFence>, ARef<DmaFence>)> {
+    let mut hang = f.job(1, us(10))?;
+    hang.payload_mut().behaviour = Behaviour::Hang;
+    let hung = f.queue().submit(hang)?;
+    let behind = f.submit_simple(us(10))?;
+    let mut tries = 0;
+    while Stats::get(&f.stats.timeouts) == 0 && tries < 2000 {
+        fsleep(us(1000));
+        tries += 1;
+    }
+    Ok((hung, behind))
+}
+
 /// A small deterministic random number generator (xorshift).
 struct Rng(u64);
 
@@ -2383,15 +2398,7 @@ mod tests {
             TimeoutAction::ResetLater,
         )?;
         assert_eq!(f.queue().reset_done(Recovery::Resubmit), Err(EINVAL));
-        let mut hang = f.job(1, us(10))?;
-        hang.payload_mut().behaviour = Behaviour::Hang;
-        let hung = f.queue().submit(hang)?;
-        let behind = f.submit_simple(us(10))?;
-        let mut tries = 0;
-        while Stats::get(&f.stats.timeouts) == 0 && tries < 2000 {
-            fsleep(us(1000));
-            tries += 1;
-        }
+        let (hung, behind) = hang_until_reset_later(&f)?;
         fsleep(Delta::from_millis(60));
         // Stopped: no second timeout, nothing signalled, nothing dropped.
         assert_eq!(Stats::get(&f.stats.timeouts), 1);
@@ -2409,6 +2416,41 @@ mod tests {
         assert_eq!(behind.status(), Some(Ok(())));
         assert_eq!(later.status(), Some(Ok(())));
         assert_eq!(Stats::get(&f.stats.runs), 4);
+        Ok(())
+    }
+
+    /// A driver's stops and resumes while a reset it was left is pending: the queue stays
+    /// stopped, nothing of the jobs on the hardware signals or is dropped, and the reset's
+    /// completion recovers them, with the most drastic recovery asked for, the timed-out job
+    /// with `-ETIMEDOUT`.
+    #[test]
+    fn stops_during_a_pending_reset_recover_nothing() -> Result {
+        let f = Fixture::with_action(
+            c"reset-later-stop",
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::ResetLater,
+        )?;
+        let (hung, behind) = hang_until_reset_later(&f)?;
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        // The driver finds the ring's jobs lost, then resumes again with nothing to report.
+        f.queue().stop().resume(Recovery::Cancel(EIO));
+        f.queue().stop().resume(Recovery::Continue);
+        fsleep(Delta::from_millis(60));
+        assert_eq!(hung.status(), None);
+        assert_eq!(behind.status(), None);
+        assert_eq!(Stats::get(&f.stats.dropped), 0);
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        let later = f.submit_simple(us(10))?;
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        // The driver's reset work: its hardware fences signal `-ECANCELED`.
+        f.ring.reset();
+        f.queue().reset_done(Recovery::Continue)?;
+        wait(&later)?;
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(behind.status(), Some(Err(EIO)));
+        assert_eq!(later.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 3);
         Ok(())
     }
 

@@ -205,7 +205,8 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 ///
 /// [`Backend::run`], [`Backend::timed_out`] and [`Backend::deadline`] are called from the
 /// queue's work items, in process context, one at a time per queue, with the
-/// queue's internal lock held (and its [`ResetDomain`]'s, for [`Backend::timed_out`] in a domain)
+/// queue's internal lock held (and, for [`Backend::timed_out`], the lock that
+/// [`JobQueue::stop`] and resumes take: its [`ResetDomain`]'s in a domain)
 /// and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
 /// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue (stop,

@@ -9,7 +9,9 @@
 //! 1. The recovery lock ([`Inner::lock_recovery`]), a mutex: `ResetDomain::members` in a
 //!    [`ResetDomain`], with the domain's queues, its pending reset and whether its device is
 //!    gone, or [`Inner::recovery`] outside one. Taken by the timeout and fault work, which hold it
-//!    from the stop of the queues to their resume, across [`Backend::timed_out`], by
+//!    from the stop of the queues to their resume, across [`Backend::timed_out`] (to its return
+//!    if it leaves the reset to the driver: the queues stay stopped until
+//!    [`JobQueue::reset_done`], and a resume meanwhile recovers nothing, see [`Inner::resume`]), by
 //!    [`JobQueue::stop`], the resume of a [`StoppedQueue`] and [`JobQueue::reset_done`], and by a
 //!    queue that joins or leaves a domain.
 //! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
@@ -357,6 +359,11 @@ pub(super) struct Proc<T: Backend> {
     paused_at: Option<Instant<Monotonic>>,
     /// The timed-out job of a reset the backend completes later ([`TimeoutAction::ResetLater`]).
     reset_guilty: Option<u64>,
+    /// The recovery asked for by the resumes since the queue last ran, the most drastic one
+    /// ([`more_drastic`]), and the timed-out job of a reset among them: the jobs are recovered
+    /// when the last stop ends ([`Inner::resume`]).
+    pending_recovery: Recovery,
+    pending_guilty: Option<u64>,
     life: Life,
     /// Wakes the run work when the dependency the next job waits for signals.
     dep_cb: Option<Pin<KBox<DepCallback<T>>>>,
@@ -823,6 +830,17 @@ impl<T: Backend> Proc<T> {
             }
         }
         true
+    }
+}
+
+/// The more drastic of two recoveries, `earlier` if they are as drastic: cancelling over
+/// resubmitting over continuing. Jobs that one resume found lost stay lost, whatever a later one
+/// says: the queue stayed stopped in between, so the hardware did not run them again.
+fn more_drastic(earlier: Recovery, later: Recovery) -> Recovery {
+    match (earlier, later) {
+        (Recovery::Cancel(e), _) | (_, Recovery::Cancel(e)) => Recovery::Cancel(e),
+        (Recovery::Resubmit, _) | (_, Recovery::Resubmit) => Recovery::Resubmit,
+        (Recovery::Continue, Recovery::Continue) => Recovery::Continue,
     }
 }
 
@@ -1413,8 +1431,9 @@ impl<T: Backend> Inner<T> {
     /// long, or at once after a fault.
     fn check_timeout(self: &Arc<Self>) {
         let _section = SignallingSection::begin();
-        // From the checks below to the end of the recovery: the timeouts of a domain are
-        // handled one at a time, and no stop or resume of the driver comes in between.
+        // From the checks below to the end of the recovery, or to the return of
+        // `Backend::timed_out` if it leaves the reset to the driver: the timeouts of a domain
+        // are handled one at a time, and no stop or resume of the driver comes in between.
         let recovering = self.lock_recovery();
         let mut guard = self.lock();
         let proc = &mut *guard;
@@ -1544,14 +1563,27 @@ impl<T: Backend> Inner<T> {
         trace::queue_stop(self.name, self.fence_ctx.context());
     }
 
-    /// Resumes after a stop: recovers the jobs that were on the hardware and restarts the run,
-    /// retire and timeout work.
+    /// Ends a stop, and once none is left recovers the jobs that were on the hardware and
+    /// restarts the run, retire and timeout work.
+    ///
+    /// While other stops are in force (a driver's [`StoppedQueue`], a reset the backend
+    /// completes later), whoever holds them may still be resetting the ring: `recovery` and
+    /// `guilty` are kept for the end of the last stop, which applies the most drastic recovery
+    /// asked for.
     fn resume(self: &Arc<Self>, recovery: Recovery, guilty: Option<u64>) {
         {
             let _section = SignallingSection::begin();
             let mut proc = self.lock();
-            proc.recover(recovery, guilty);
+            proc.pending_recovery = more_drastic(proc.pending_recovery, recovery);
+            if guilty.is_some() {
+                proc.pending_guilty = guilty;
+            }
             proc.stopped -= 1;
+            if proc.stopped == 0 {
+                let recovery = core::mem::replace(&mut proc.pending_recovery, Recovery::Continue);
+                let guilty = proc.pending_guilty.take();
+                proc.recover(recovery, guilty);
+            }
             proc.unpause_timeout();
             // With the lock held: once it goes, any holder may run the recovered jobs, and a
             // trace must show the start before their runs.
@@ -1679,6 +1711,8 @@ impl<T: Backend> JobQueue<T> {
                     timeout_paused: 0,
                     paused_at: None,
                     reset_guilty: None,
+                    pending_recovery: Recovery::Continue,
+                    pending_guilty: None,
                     life: Life::Alive,
                     dep_cb: None,
                     release_cb: None,
@@ -2103,6 +2137,13 @@ pub struct StoppedQueue<'a, T: Backend> {
 
 impl<T: Backend> StoppedQueue<'_, T> {
     /// Resumes the queue, recovering the jobs that were on the hardware as `recovery` says.
+    ///
+    /// If the queue is stopped otherwise too (by another [`StoppedQueue`], or for a reset left
+    /// to the driver, [`TimeoutAction::ResetLater`]), it stays stopped, and its jobs are
+    /// recovered when the last stop ends, with the most drastic recovery asked for meanwhile:
+    /// [`Recovery::Cancel`] over [`Recovery::Resubmit`] over [`Recovery::Continue`]. Sleeps,
+    /// waiting for a timeout being handled to end; must not be called, nor the guard dropped,
+    /// from a [`Backend`] method.
     pub fn resume(mut self, recovery: Recovery) {
         self.resume_inner(recovery);
     }
