@@ -163,7 +163,10 @@ DEFINE_EVENT(drm_jobqueue_queue, drm_jobqueue_queue_stop,
 	     TP_ARGS(name, fence_context, what)
 );
 
-/* The queue resumed; @what says how the jobs that were on the ring are recovered. */
+/*
+ * A stop of the queue ended; @what is the recovery it asked for. The jobs that were on the
+ * ring are recovered when the last stop ends, with the most drastic recovery asked for.
+ */
 DEFINE_EVENT(drm_jobqueue_queue, drm_jobqueue_queue_start,
 	     TP_PROTO(const char *name, u64 fence_context, const char *what),
 	     TP_ARGS(name, fence_context, what)

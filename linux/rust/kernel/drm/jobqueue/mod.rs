@@ -74,7 +74,8 @@
 //! [`TimeoutAction::ResetLater`] and then calling [`JobQueue::reset_done`]), by resuming a stopped
 //! queue with [`Recovery::Cancel`] or [`Recovery::Resubmit`], and at teardown by returning from
 //! [`Backend::stop_hardware`]. [`TimeoutAction::NoHang`] and
-//! [`Recovery::Continue`] leave the jobs following their hardware fences, and the timeout armed.
+//! [`Recovery::Continue`] leave the jobs following their hardware fences, and the timeout armed
+//! (unless another resume of the same stop asked for more: see [`StoppedQueue::resume`]).
 //!
 //! A job whose hardware fence signalled while the queue was stopped, or while the backend
 //! handled a timeout, ends as [`Recovery`] describes.
@@ -278,7 +279,8 @@ pub enum TimeoutAction {
     /// taken the ring's group off its slot): the queue stays stopped, as after
     /// [`JobQueue::stop`], with the jobs on the hardware detached from their hardware fences,
     /// until the driver calls [`JobQueue::reset_done`]. Then the timed-out job's done fence
-    /// signals `-ETIMEDOUT` and the others are recovered as that call says.
+    /// signals `-ETIMEDOUT` and the others are recovered as that call says (or as a more drastic
+    /// resume of the queue asked for meanwhile: see [`StoppedQueue::resume`]).
     ResetLater,
     /// The device is gone: every job that has not finished is cancelled with `-ENODEV`, and the
     /// queue takes no more jobs.

@@ -359,7 +359,7 @@ pub(super) struct Proc<T: Backend> {
     paused_at: Option<Instant<Monotonic>>,
     /// The timed-out job of a reset the backend completes later ([`TimeoutAction::ResetLater`]).
     reset_guilty: Option<u64>,
-    /// The recovery asked for by the resumes since the queue last ran, the most drastic one
+    /// The recovery asked for by the resumes since `stopped` was last 0, the most drastic one
     /// ([`more_drastic`]), and the timed-out job of a reset among them: the jobs are recovered
     /// when the last stop ends ([`Inner::resume`]).
     pending_recovery: Recovery,
@@ -1848,11 +1848,11 @@ impl<T: Backend> JobQueue<T> {
 
     /// Stops the queue, for example around a reset of the ring.
     ///
-    /// No job is handed to the hardware and no timeout fires until the returned guard resumes
-    /// the queue. The jobs on the hardware are detached from their hardware fences: those that
-    /// signal meanwhile are ignored, and [`StoppedQueue::resume`] decides their fate. Submission
-    /// keeps working. Sleeps, waiting for a timeout being handled to end; must not be called from a
-    /// [`Backend`] method.
+    /// No job is handed to the hardware and no timeout fires until the returned guard, and any
+    /// other stop in force, resumes the queue. The jobs on the hardware are detached from their
+    /// hardware fences: those that signal meanwhile are ignored, and [`StoppedQueue::resume`]
+    /// decides their fate. Submission keeps working. Sleeps, waiting for a timeout being handled
+    /// to end; must not be called from a [`Backend`] method.
     ///
     /// # Examples
     ///
@@ -1928,8 +1928,9 @@ impl<T: Backend> JobQueue<T> {
 
     /// Completes a reset that [`Backend::timed_out`] left to the driver
     /// ([`TimeoutAction::ResetLater`]), recovering the jobs that were on the hardware as
-    /// `recovery` says; the timed-out job's done fence signals `-ETIMEDOUT` (unless its hardware
-    /// fence signalled success meanwhile).
+    /// `recovery` says (once no other stop is in force, and as a more drastic resume asked for
+    /// meanwhile: see [`StoppedQueue::resume`]); the timed-out job's done fence signals
+    /// `-ETIMEDOUT` (unless its hardware fence signalled success meanwhile).
     ///
     /// Call it from the driver's reset work once the hardware no longer runs the ring (or runs
     /// it again, for [`Recovery::Continue`]). Fails with `EINVAL` if no such reset is pending.
@@ -2180,11 +2181,13 @@ impl<T: Backend> Drop for StoppedQueue<'_, T> {
 ///   job's done fence signals `-ETIMEDOUT`.
 /// - [`TimeoutAction::ResetLater`]: every queue stays stopped until the driver calls
 ///   [`JobQueue::reset_done`] on the timed-out job's queue, which resumes them all with its
-///   recovery.
+///   recovery (or a more drastic one a resume asked for meanwhile: see
+///   [`StoppedQueue::resume`]).
 /// - [`TimeoutAction::DeviceGone`]: every queue ends its jobs with `-ENODEV` and takes no more.
 ///
 /// Dropping a queue whose [`TimeoutAction::ResetLater`] is pending resumes the other queues
-/// with [`Recovery::Continue`], with a warning: call [`JobQueue::reset_done`] first.
+/// with [`Recovery::Continue`] (or what a resume asked for meanwhile), with a warning: call
+/// [`JobQueue::reset_done`] first.
 ///
 /// # Examples
 ///
