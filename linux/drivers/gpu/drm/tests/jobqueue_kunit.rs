@@ -2454,6 +2454,29 @@ mod tests {
         Ok(())
     }
 
+    /// A queue of a reset domain dropped while a reset it was left is pending, after the driver
+    /// resumed it with [`Recovery::Cancel`]: the reset never completes, so the teardown ends the
+    /// jobs once the backend stopped the ring, not the recovery asked for meanwhile, and no
+    /// payload is freed while the ring may still run it.
+    #[test]
+    fn dropped_during_a_pending_reset_ends_jobs_after_the_ring_stops() -> Result {
+        let domain = ResetDomain::new(c"jq-kunit-dropped")?;
+        let timeout = Some(Delta::from_millis(30));
+        let options = QueueOptions::new(c"jobqueue_kunit", c"reset-later-drop", 4, timeout);
+        let f = Fixture::build_in(options, 4, TimeoutAction::ResetLater, Some(&domain))?;
+        let (hung, behind) = hang_until_reset_later(&f)?;
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        f.queue().stop().resume(Recovery::Cancel(EIO));
+        let (_ring, stats) = f.teardown();
+        // Ended by the teardown after `stop_hardware()`, whose ring never signals them.
+        assert_eq!(hung.status(), Some(Err(ECANCELED)));
+        assert_eq!(behind.status(), Some(Err(ECANCELED)));
+        assert_eq!(Stats::get(&stats.freed_while_running), 0);
+        assert_eq!(Stats::get(&stats.dropped), 2);
+        assert_eq!(Stats::get(&stats.runs), 2);
+        Ok(())
+    }
+
     /// Hook: jobs of 0 credits where the queue allows them; they take no room and stay in
     /// order.
     #[test]

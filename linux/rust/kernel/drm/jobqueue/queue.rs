@@ -306,7 +306,7 @@ enum Life {
     Dead,
     /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work return at once from
     /// now on. Until it leaves its [`ResetDomain`], a reset of the domain still stops and resumes
-    /// it.
+    /// it, but its jobs end with the teardown ([`Inner::resume`]).
     Dying,
 }
 
@@ -1570,6 +1570,11 @@ impl<T: Backend> Inner<T> {
     /// completes later), whoever holds them may still be resetting the ring: `recovery` and
     /// `guilty` are kept for the end of the last stop, which applies the most drastic recovery
     /// asked for.
+    ///
+    /// A dying queue's jobs are ended by its teardown, once [`Backend::stop_hardware`] has
+    /// returned: the last stop only makes their done fences follow their hardware fences again.
+    /// It may be the stop of a reset that never completed ([`ResetDomain::remove`]), so the
+    /// hardware may still run the jobs whatever the recovery says.
     fn resume(self: &Arc<Self>, recovery: Recovery, guilty: Option<u64>) {
         {
             let _section = SignallingSection::begin();
@@ -1582,7 +1587,11 @@ impl<T: Backend> Inner<T> {
             if proc.stopped == 0 {
                 let recovery = core::mem::replace(&mut proc.pending_recovery, Recovery::Continue);
                 let guilty = proc.pending_guilty.take();
-                proc.recover(recovery, guilty);
+                if proc.life == Life::Dying {
+                    proc.recover(Recovery::Continue, None);
+                } else {
+                    proc.recover(recovery, guilty);
+                }
             }
             proc.unpause_timeout();
             // With the lock held: once it goes, any holder may run the recovered jobs, and a
