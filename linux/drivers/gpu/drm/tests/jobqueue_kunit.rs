@@ -2454,6 +2454,64 @@ mod tests {
         Ok(())
     }
 
+    /// A driver's stop held across the completion of a reset it was left: the queue stays
+    /// stopped, and the driver's resume recovers the jobs as the reset asked, the timed-out job
+    /// with `-ETIMEDOUT`.
+    #[test]
+    fn a_stop_held_across_reset_done_recovers_at_its_resume() -> Result {
+        let f = Fixture::with_action(
+            c"reset-later-held",
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::ResetLater,
+        )?;
+        let (hung, behind) = hang_until_reset_later(&f)?;
+        let stopped = f.queue().stop();
+        f.ring.reset();
+        f.queue().reset_done(Recovery::Resubmit)?;
+        fsleep(Delta::from_millis(60));
+        assert_eq!(hung.status(), None);
+        assert_eq!(behind.status(), None);
+        assert_eq!(Stats::get(&f.stats.runs), 2);
+        assert_eq!(Stats::get(&f.stats.dropped), 0);
+        stopped.resume(Recovery::Continue);
+        wait(&behind)?;
+        assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+        assert_eq!(behind.status(), Some(Ok(())));
+        assert_eq!(Stats::get(&f.stats.runs), 3);
+        assert_eq!(Stats::get(&f.stats.timeouts), 1);
+        Ok(())
+    }
+
+    /// Recoveries asked for while a reset is pending add up to the most drastic one, whatever
+    /// their order: a resubmission asked for by a driver's resume gives way to the reset's
+    /// cancellation, and a cancellation asked for first stays with its error.
+    #[test]
+    fn pending_recoveries_take_the_most_drastic() -> Result {
+        for (first, last) in [
+            (Recovery::Resubmit, Recovery::Cancel(EIO)),
+            (Recovery::Cancel(EIO), Recovery::Resubmit),
+            (Recovery::Cancel(EIO), Recovery::Cancel(ENODEV)),
+        ] {
+            let f = Fixture::with_action(
+                c"reset-later-merge",
+                4,
+                Some(Delta::from_millis(30)),
+                TimeoutAction::ResetLater,
+            )?;
+            let (hung, behind) = hang_until_reset_later(&f)?;
+            f.queue().stop().resume(first);
+            f.ring.reset();
+            f.queue().reset_done(last)?;
+            wait(&behind)?;
+            assert_eq!(hung.status(), Some(Err(ETIMEDOUT)));
+            assert_eq!(behind.status(), Some(Err(EIO)));
+            // Neither job ran again.
+            assert_eq!(Stats::get(&f.stats.runs), 2);
+        }
+        Ok(())
+    }
+
     /// A queue of a reset domain dropped while a reset it was left is pending, after the driver
     /// resumed it with [`Recovery::Cancel`]: the reset never completes, so the teardown ends the
     /// jobs once the backend stopped the ring, not the recovery asked for meanwhile, and no
