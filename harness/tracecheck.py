@@ -21,7 +21,8 @@ record, field by field:
   in order unless a reset resubmitted them;
 - every submitted job has exactly one job_done, after a job_run or job_cancel,
   with the error of its job_cancel if it has one;
-- every queue_start ends a queue_stop of its queue (stops nest);
+- every queue_start ends a queue_stop of its queue (stops nest), and no job
+  of a queue runs while a stop of it is in force;
 - the events the recording must show all fired, and nothing was lost;
 - every dma_fence created during the recording (dma_fence_init) signalled
   exactly once (dma_fence_signaled), whatever its driver, Rust or C.
@@ -201,6 +202,8 @@ def check(trace, tool, stats=None, raw=None, require=tuple(EVENTS)):
         elif kind == 'job_run':
             if g[3] == g[0]:
                 bad(f'{fence}: the hardware fence is of the queue\'s own context')
+            if stopped.get(g[0], 0) > 0:
+                bad(f'{fence} ran while its queue was stopped')
             if int(g[1]) <= last_run.get(g[0], 0) and g[0] not in resubmitted:
                 bad(f'{fence} ran after job {last_run[g[0]]} of its queue, without a resubmit')
             resubmitted.discard(g[0])
