@@ -65,6 +65,7 @@ enum bench_shape {
 	SHAPE_STOPPED,
 	SHAPE_MEMORY,
 	SHAPE_QUEUES64_SHARED,
+	SHAPE_CHAIN_PIPELINED,
 };
 
 struct bench_workload {
@@ -85,6 +86,8 @@ static const struct bench_workload bench_workloads[] = {
 	{ "stopped", SHAPE_STOPPED, 10000 },
 	{ "memory", SHAPE_MEMORY, 200000 },
 	{ "queues-64-shared", SHAPE_QUEUES64_SHARED, 64000 },
+	/* drm_sched pipelines a dependency on its own scheduler either way. */
+	{ "chain-pipelined", SHAPE_CHAIN_PIPELINED, 10000 },
 };
 
 static unsigned int shape_queues(enum bench_shape shape)
@@ -115,6 +118,7 @@ static void shape_plan(enum bench_shape shape, unsigned int i,
 	*deps = 0;
 	switch (shape) {
 	case SHAPE_CHAIN:
+	case SHAPE_CHAIN_PIPELINED:
 		*deps = min(i, 1U);
 		break;
 	case SHAPE_CHAIN2:

@@ -30,9 +30,9 @@
 //! - `wake`: for a job that waits for others (its dependencies, or on a ring of one credit the job
 //!   before it), from the last of their done fences' signals to the start of [`Backend::run`].
 //!
-//! The mock hardware is the same on both sides and completes at once: [`Backend::run`] puts the
-//! hardware fence in a FIFO and starts an hrtimer without delay whose callback signals the FIFO's
-//! fences in order, in hardirq context as an interrupt handler would.
+//! The mock hardware is the same on both sides and completes at once, or `ring_delay_ns` later:
+//! [`Backend::run`] puts the hardware fence in a FIFO and starts an hrtimer whose callback
+//! signals the FIFO's fences in order, in hardirq context as an interrupt handler would.
 //!
 //! The workloads (bit `n` of the `workloads` parameter selects the `n`-th):
 //!
@@ -51,6 +51,7 @@
 //! |               |         | cost of creating and submitting a job                      |
 //! | `memory`      | 200,000 | bytes per job in flight                                    |
 //! | `queues-64-shared` | 64,000 | as `queues-64`, the 64 queues on one unbound workqueue |
+//! | `chain-pipelined` | 10,000 | as `chain`, the job queue with `pipeline_own_dependencies` |
 //!
 //! Memory is measured, not computed: the first job waits for a gate fence that is signalled only
 //! at the end, so every job stays in flight. The memory is read with 100,000 jobs in flight, once
@@ -148,6 +149,10 @@ const TIMEOUT: Delta = Delta::from_secs(10);
 enum Shape {
     Independent,
     Chain,
+    /// As `Chain`, with [`QueueOptions::pipeline_own_dependencies`]: the job queue hands a job
+    /// to the ring without waiting for the done fence of the job before it, as drm_sched does
+    /// for a dependency on its own scheduler, which `drm_sched_bench.c` runs the same way.
+    ChainPipelined,
     Chain2,
     FanIn,
     Queues64,
@@ -179,7 +184,7 @@ impl Shape {
     fn plan(self, i: usize) -> (usize, usize) {
         match self {
             Shape::Independent | Shape::Credit1 | Shape::Stopped | Shape::Memory => (0, 0),
-            Shape::Chain => (0, i.min(1)),
+            Shape::Chain | Shape::ChainPipelined => (0, i.min(1)),
             Shape::Chain2 => (i % 2, i.min(1)),
             Shape::FanIn => match i % 17 {
                 16 => (16, 16),
@@ -207,7 +212,7 @@ struct Workload {
 
 /// The workloads, in the order of the bits of the `workloads` parameter. `drm_sched_bench.c` has
 /// the same table.
-const WORKLOADS: [Workload; 11] = [
+const WORKLOADS: [Workload; 12] = [
     Workload {
         name: "independent",
         shape: Shape::Independent,
@@ -262,6 +267,11 @@ const WORKLOADS: [Workload; 11] = [
         name: "queues-64-shared",
         shape: Shape::Queues64Shared,
         jobs: 64_000,
+    },
+    Workload {
+        name: "chain-pipelined",
+        shape: Shape::ChainPipelined,
+        jobs: 10_000,
     },
 ];
 
@@ -533,6 +543,7 @@ fn new_queues(shape: Shape) -> Result<KVec<JobQueue<BenchBackend>>> {
             Some(TIMEOUT),
         );
         options.workqueue = shared.clone();
+        options.pipeline_own_dependencies = matches!(shape, Shape::ChainPipelined);
         queues.push(JobQueue::new(backend, options)?, GFP_KERNEL)?;
     }
     Ok(queues)
