@@ -231,6 +231,7 @@ type DeadlineHook<T> = EnqueueWork<Inner<T>, DEADLINE>;
 /// | not `Finished`, not `Following` | `Finished` | teardown, device gone ([`Proc::finish_all`]) |
 /// | `Running` (`Following`) | `Finished` | retire, once the hardware fence signalled |
 /// | `Finished` | `Retired` | retire: handed to the drop work, which drops it |
+/// | `Waiting` | `Retired` | no room when taken in ([`Inner::take_submitted`]): `-ECANCELED` |
 enum JobState<T: Backend> {
     /// Not handed to the hardware (yet, or again after a reset), with the dependencies it may
     /// still have to wait for, and the error of the first that failed: then the job does not
@@ -1386,6 +1387,49 @@ impl<T: Backend> Inner<T> {
         }
     }
 
+    /// Waits for the jobs on the hardware to finish, at teardown: one timeout for all of them
+    /// together, or [`TEARDOWN_TIMEOUT`] if the queue has none.
+    fn wait_for_ring(&self) {
+        let limit = self.timeout.unwrap_or(TEARDOWN_TIMEOUT);
+        let start = Instant::<Monotonic>::now();
+        while let Some(hw) = self.first_on_hardware() {
+            let elapsed = start.elapsed();
+            if elapsed >= limit || hw.wait_uninterruptible_timeout(limit - elapsed).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Retires and drops every job, at teardown once [`Proc::finish_all`] has finished them, and
+    /// leaves no work item of the queue pending.
+    fn retire_all(&self) {
+        // Stop the retire work for good, then drop what it retired.
+        let retire_cb = self.lock().retire_cb.take();
+        drop(retire_cb);
+        self.retire_work.flush();
+        // Runs `drop_soon` now if its timer is pending: it queues the drop work.
+        self.drop_soon.flush();
+        self.drop_work.flush();
+        // The drop work has dropped what it was kicked for; jobs lost to a wrong accounting (see
+        // `take_submitted`) may still be on the list.
+        self.drop_retired();
+        loop {
+            // The guard goes at the end of the statement: the job is dropped without the lock.
+            let Some(node) = self.lock().pop_oldest() else {
+                break;
+            };
+            self.release_slots(1);
+            self.drop_job(node);
+        }
+        self.run_work.flush();
+        // No done fence of the queue wakes it any more: its proxies are gone with the jobs.
+        self.deadline_work.flush();
+        // A timeout handled while the queue started dying, or a run or retire that got past
+        // their check before it did, may have armed the timeout after it was flushed above.
+        // Nothing arms it any more: it returns at once if it fires now.
+        self.timeout_work.flush();
+    }
+
     /// Returns the hardware fence of the first job on the hardware that has not signalled.
     fn first_on_hardware(&self) -> Option<ARef<DmaFence>> {
         let proc = self.lock();
@@ -2092,16 +2136,7 @@ impl<T: Backend> Drop for JobQueue<T> {
         inner.timeout_work.flush();
         inner.fault_work.flush();
 
-        // The jobs on the hardware get one timeout, all together, to finish.
-        let limit = inner.timeout.unwrap_or(TEARDOWN_TIMEOUT);
-        let start = Instant::<Monotonic>::now();
-        while let Some(hw) = inner.first_on_hardware() {
-            let elapsed = start.elapsed();
-            if elapsed >= limit || hw.wait_uninterruptible_timeout(limit - elapsed).is_err() {
-                break;
-            }
-        }
-
+        inner.wait_for_ring();
         // Then the backend stops the ring for good: the hardware fences that have not signalled
         // never will, and the jobs can end.
         inner.backend.stop_hardware();
@@ -2109,33 +2144,7 @@ impl<T: Backend> Drop for JobQueue<T> {
             let _section = SignallingSection::begin();
             inner.lock().finish_all(ECANCELED);
         }
-
-        // Retire everything, then stop the retire work for good.
-        let retire_cb = inner.lock().retire_cb.take();
-        drop(retire_cb);
-        inner.retire_work.flush();
-        // Runs `drop_soon` now if its timer is pending: it queues the drop work.
-        inner.drop_soon.flush();
-        inner.drop_work.flush();
-        // The drop work has dropped what it was kicked for; jobs lost to a wrong accounting (see
-        // `take_submitted`) may still be on the list.
-        inner.drop_retired();
-        loop {
-            // `finish_all` has finished every job. The guard goes at the end of the statement:
-            // the job is dropped without the lock.
-            let Some(node) = inner.lock().pop_oldest() else {
-                break;
-            };
-            inner.release_slots(1);
-            inner.drop_job(node);
-        }
-        inner.run_work.flush();
-        // No done fence of the queue wakes it any more: its proxies are gone with the jobs.
-        inner.deadline_work.flush();
-        // A timeout handled while the queue started dying, or a run or retire that got past
-        // their check before it did, may have armed the timeout after it was flushed above.
-        // Nothing arms it any more: it returns at once if it fires now.
-        inner.timeout_work.flush();
+        inner.retire_all();
     }
 }
 
@@ -2336,27 +2345,26 @@ impl<T: Backend> ResetDomain<T> {
         }
     }
 
-    /// Removes a queue that is being dropped.
+    /// Removes a queue that is being dropped. A reset of the queue's that the driver left
+    /// pending resumes the domain.
     fn remove(&self, member: &Arc<Inner<T>>) {
-        let (found, pending) = {
-            let mut members = self.members.lock();
-            let found = members
-                .list
-                .iter()
-                .position(|m| Arc::ptr_eq(m, member))
-                .and_then(|i| members.list.remove(i).ok());
-            let pending = member.lock().reset_guilty.take();
-            (found, pending)
-        };
+        let mut members = self.members.lock();
+        let found = members
+            .list
+            .iter()
+            .position(|m| Arc::ptr_eq(m, member))
+            .and_then(|i| members.list.remove(i).ok());
+        let pending = member.lock().reset_guilty.take();
         if let Some(seqno) = pending {
             crate::pr_warn!(
                 "drm_jobqueue: {}: dropped with a reset pending; resuming its domain\n",
                 member.name
             );
-            Self::resume_all(&mut self.members.lock(), member, Recovery::Continue, seqno);
+            Self::resume_all(&mut members, member, Recovery::Continue, seqno);
             // The queue itself was taken out of the list: its stop is undone here.
             member.resume(Recovery::Continue, None);
         }
+        drop(members);
         // Dropped without the lock.
         drop(found);
     }
