@@ -342,6 +342,8 @@ struct Stats {
     /// Runs of jobs with a `run_gate`, and those whose gate did not open in time.
     gated_runs: Atomic<u32>,
     gate_timeouts: Atomic<u32>,
+    /// `dropped` when `Backend::stop_hardware` was called, `u32::MAX` before.
+    dropped_before_stop: Atomic<u32>,
 }
 
 impl Stats {
@@ -361,6 +363,7 @@ impl Stats {
                 last_deadline_ms: Atomic::new(0),
                 gated_runs: Atomic::new(0),
                 gate_timeouts: Atomic::new(0),
+                dropped_before_stop: Atomic::new(u32::MAX),
             },
             GFP_KERNEL,
         )?)
@@ -537,6 +540,10 @@ impl Backend for MockBackend {
     }
 
     fn stop_hardware(&self) {
+        let dropped = Stats::get(&self.stats.dropped);
+        self.stats
+            .dropped_before_stop
+            .store(dropped, ordering::Relaxed);
         // The ring runs nothing more; its fences signal when the test resets it.
         self.ring.kill();
     }
@@ -697,14 +704,18 @@ fn wait(fence: &DmaFence) -> Result {
 }
 
 /// Submits a job that hangs and one behind it to `f`, whose backend leaves resets to the driver
-/// ([`TimeoutAction::ResetLater`]), and returns their done fences once the first timed out.
+/// ([`TimeoutAction::ResetLater`]), and returns their done fences once the first timed out, or
+/// `ETIMEDOUT` if it did not within 2 seconds.
 fn hang_until_reset_later(f: &Fixture) -> Result<(ARef<DmaFence>, ARef<DmaFence>)> {
     let mut hang = f.job(1, us(10))?;
     hang.payload_mut().behaviour = Behaviour::Hang;
     let hung = f.queue().submit(hang)?;
     let behind = f.submit_simple(us(10))?;
     let mut tries = 0;
-    while Stats::get(&f.stats.timeouts) == 0 && tries < 2000 {
+    while Stats::get(&f.stats.timeouts) == 0 {
+        if tries == 2000 {
+            return Err(ETIMEDOUT);
+        }
         fsleep(us(1000));
         tries += 1;
     }
@@ -2515,23 +2526,31 @@ mod tests {
     /// A queue of a reset domain dropped while a reset it was left is pending, after the driver
     /// resumed it with [`Recovery::Cancel`]: the reset never completes, so the teardown ends the
     /// jobs once the backend stopped the ring, not the recovery asked for meanwhile, and no
-    /// payload is freed while the ring may still run it.
+    /// payload is dropped before. The other queue of the domain, stopped by the reset, resumes.
     #[test]
     fn dropped_during_a_pending_reset_ends_jobs_after_the_ring_stops() -> Result {
         let domain = ResetDomain::new(c"jq-kunit-dropped")?;
         let timeout = Some(Delta::from_millis(30));
         let options = QueueOptions::new(c"jobqueue_kunit", c"reset-later-drop", 4, timeout);
         let f = Fixture::build_in(options, 4, TimeoutAction::ResetLater, Some(&domain))?;
+        let options = QueueOptions::new(c"jobqueue_kunit", c"reset-later-peer", 4, None);
+        let peer = Fixture::build_in(options, 4, TimeoutAction::ResetLater, Some(&domain))?;
         let (hung, behind) = hang_until_reset_later(&f)?;
         assert_eq!(Stats::get(&f.stats.timeouts), 1);
         f.queue().stop().resume(Recovery::Cancel(EIO));
+        let waits = peer.submit_simple(us(10))?;
+        fsleep(Delta::from_millis(20));
+        assert_eq!(Stats::get(&peer.stats.runs), 0);
         let (_ring, stats) = f.teardown();
         // Ended by the teardown after `stop_hardware()`, whose ring never signals them.
+        assert_eq!(Stats::get(&stats.dropped_before_stop), 0);
         assert_eq!(hung.status(), Some(Err(ECANCELED)));
         assert_eq!(behind.status(), Some(Err(ECANCELED)));
         assert_eq!(Stats::get(&stats.freed_while_running), 0);
         assert_eq!(Stats::get(&stats.dropped), 2);
         assert_eq!(Stats::get(&stats.runs), 2);
+        wait(&waits)?;
+        assert_eq!(waits.status(), Some(Ok(())));
         Ok(())
     }
 

@@ -110,6 +110,7 @@
 //! | not run when the queue is dropped | `-ECANCELED` | yes |
 //! | ended as in rows 2-6, not signalled when the queue is dropped | as in rows 2-6 | as there |
 //! | on the hardware a timeout into the drop, [`Backend::stop_hardware`] (1) | `-ECANCELED` | yes |
+//! | the same, dropped while a reset left to the driver is pending | `-ECANCELED` | yes |
 //!
 //! # Examples
 //!

@@ -307,7 +307,7 @@ enum Life {
     Dead,
     /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work return at once from
     /// now on. Until it leaves its [`ResetDomain`], a reset of the domain still stops and resumes
-    /// it, but its jobs end with the teardown ([`Inner::resume`]).
+    /// it, but recovers none of its jobs ([`Inner::resume`]).
     Dying,
 }
 
@@ -1615,10 +1615,10 @@ impl<T: Backend> Inner<T> {
     /// `guilty` are kept for the end of the last stop, which applies the most drastic recovery
     /// asked for.
     ///
-    /// A dying queue's jobs are ended by its teardown, once [`Backend::stop_hardware`] has
-    /// returned: the last stop only makes their done fences follow their hardware fences again.
-    /// It may be the stop of a reset that never completed ([`ResetDomain::remove`]), so the
-    /// hardware may still run the jobs whatever the recovery says.
+    /// A dying queue's last stop may be that of a reset that never completed
+    /// ([`ResetDomain::remove`]), so the hardware may still run its jobs whatever the recovery
+    /// says: it recovers nothing. Its jobs end by their hardware fences (those that signalled
+    /// already end now), or with the teardown, once [`Backend::stop_hardware`] has returned.
     fn resume(self: &Arc<Self>, recovery: Recovery, guilty: Option<u64>) {
         {
             let _section = SignallingSection::begin();
@@ -2346,7 +2346,9 @@ impl<T: Backend> ResetDomain<T> {
     }
 
     /// Removes a queue that is being dropped. A reset of the queue's that the driver left
-    /// pending resumes the domain.
+    /// pending resumes the domain, with [`Recovery::Continue`]: the other queues recover their
+    /// jobs as their own resumes asked for meanwhile, if any (whoever asked for it said that
+    /// their ring lost them), and the queue itself recovers none ([`Inner::resume`]).
     fn remove(&self, member: &Arc<Inner<T>>) {
         let mut members = self.members.lock();
         let found = members
