@@ -165,7 +165,8 @@ DEFINE_EVENT(drm_jobqueue_queue, drm_jobqueue_queue_stop,
 
 /*
  * A stop of the queue ended; @what is the recovery it asked for. The jobs that were on the
- * ring are recovered when the last stop ends, with the most drastic recovery asked for.
+ * ring are recovered when the last stop ends, with the most drastic recovery asked for (not at
+ * all on a queue being dropped).
  */
 DEFINE_EVENT(drm_jobqueue_queue, drm_jobqueue_queue_start,
 	     TP_PROTO(const char *name, u64 fence_context, const char *what),

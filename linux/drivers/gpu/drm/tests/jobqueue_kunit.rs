@@ -610,6 +610,17 @@ impl Fixture {
         )
     }
 
+    /// A queue of 4 credits and a 30 ms timeout whose backend leaves resets to the driver
+    /// ([`TimeoutAction::ResetLater`]), for [`hang_until_reset_later`].
+    fn reset_later(name: &'static CStr) -> Result<Self> {
+        Self::with_action(
+            name,
+            4,
+            Some(Delta::from_millis(30)),
+            TimeoutAction::ResetLater,
+        )
+    }
+
     /// A queue made with `options` on a ring of `slots` jobs.
     fn build(options: QueueOptions, slots: usize, on_timeout: TimeoutAction) -> Result<Self> {
         Self::build_in(options, slots, on_timeout, None)
@@ -2402,12 +2413,7 @@ mod tests {
     /// the hardware signals or is dropped.
     #[test]
     fn reset_later_is_completed_by_the_driver() -> Result {
-        let f = Fixture::with_action(
-            c"reset-later",
-            4,
-            Some(Delta::from_millis(30)),
-            TimeoutAction::ResetLater,
-        )?;
+        let f = Fixture::reset_later(c"reset-later")?;
         assert_eq!(f.queue().reset_done(Recovery::Resubmit), Err(EINVAL));
         let (hung, behind) = hang_until_reset_later(&f)?;
         fsleep(Delta::from_millis(60));
@@ -2436,12 +2442,7 @@ mod tests {
     /// with `-ETIMEDOUT`.
     #[test]
     fn stops_during_a_pending_reset_recover_nothing() -> Result {
-        let f = Fixture::with_action(
-            c"reset-later-stop",
-            4,
-            Some(Delta::from_millis(30)),
-            TimeoutAction::ResetLater,
-        )?;
+        let f = Fixture::reset_later(c"reset-later-stop")?;
         let (hung, behind) = hang_until_reset_later(&f)?;
         assert_eq!(Stats::get(&f.stats.timeouts), 1);
         // The driver finds the ring's jobs lost, then resumes again with nothing to report.
@@ -2470,12 +2471,7 @@ mod tests {
     /// with `-ETIMEDOUT`.
     #[test]
     fn a_stop_held_across_reset_done_recovers_at_its_resume() -> Result {
-        let f = Fixture::with_action(
-            c"reset-later-held",
-            4,
-            Some(Delta::from_millis(30)),
-            TimeoutAction::ResetLater,
-        )?;
+        let f = Fixture::reset_later(c"reset-later-held")?;
         let (hung, behind) = hang_until_reset_later(&f)?;
         let stopped = f.queue().stop();
         f.ring.reset();
@@ -2504,12 +2500,7 @@ mod tests {
             (Recovery::Cancel(EIO), Recovery::Resubmit),
             (Recovery::Cancel(EIO), Recovery::Cancel(ENODEV)),
         ] {
-            let f = Fixture::with_action(
-                c"reset-later-merge",
-                4,
-                Some(Delta::from_millis(30)),
-                TimeoutAction::ResetLater,
-            )?;
+            let f = Fixture::reset_later(c"reset-later-merge")?;
             let (hung, behind) = hang_until_reset_later(&f)?;
             f.queue().stop().resume(first);
             f.ring.reset();
