@@ -35,6 +35,7 @@
 //! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a [`FenceWorkqueue`], for process context |
 //! | [`QueueKthreadWork`] | a [`KthreadWorkItem`] is queued on a [`kthread::Worker`] |
 //! | [`ProxyFence`] | another fence signals, with the same error |
+//! | [`ReturnCredits`] (hooks of a [`ProxyFence`]) | credits go back to a [`RingCredits`] |
 //!
 //! A [`FenceCallback`] holds one kind and the memory the C side needs. It is allocated and
 //! initialised before use, armed on a fence with [`FenceCallback::arm`], and removed from the
@@ -254,9 +255,9 @@ unsafe extern "C" fn fence_timeline_name(fence: *mut bindings::dma_fence) -> *co
 }
 
 /// The `set_deadline` operation: records the deadline in the [`ProxyFence`] that drives the
-/// fence, if any and if it is earlier than the one it has, runs the proxy's deadline hook, and
-/// passes the deadline on to the proxy's source, as drm_sched's finished fence does with its
-/// parent. A fence no proxy drives ignores deadlines.
+/// fence, if any and if it is earlier than the one it has, runs the proxy's deadline hook
+/// ([`ProxyHooks::deadline`]), and passes the deadline on to the proxy's source, as drm_sched's
+/// finished fence does with its parent. A fence no proxy drives ignores deadlines.
 ///
 /// Called by `dma_fence_set_deadline()` in any context, inside an RCU read-side critical section
 /// and without the fence lock, possibly after the fence signalled.
@@ -1679,25 +1680,31 @@ where
     }
 }
 
-/// The action of a [`ProxyFence`]: signal the proxy's fence with the source's result.
+/// The action of a [`ProxyFence`]: signal the proxy's fence with the source's result, then run
+/// the proxy's [`ProxyHooks::followed`].
 ///
 /// # Invariants
 ///
-/// `target` is only accessed by the action (at most once per arming, serialised with
-/// [`FenceCallback::disarm`] by the source's lock), by [`FenceCallback::arm`] when it runs the
-/// action at once, or by the owner of the [`ProxyFence`] after disarming it.
-struct SignalProxy {
+/// - `target` is only accessed by the action (at most once per arming, serialised with
+///   [`FenceCallback::disarm`] by the source's lock), by [`FenceCallback::arm`] when it runs the
+///   action at once, or by the owner of the [`ProxyFence`] after disarming it.
+/// - `hooks` points to the hooks of the [`ProxyFence`] whose callback this is, which are only
+///   accessed through shared references and dropped only once the callback is disarmed.
+struct SignalProxy<H> {
     target: UnsafeCell<Option<NestedFence>>,
+    hooks: *const H,
 }
 
-// SAFETY: `NestedFence` is `Send`; see below for the shared access.
-unsafe impl Send for SignalProxy {}
-// SAFETY: By the type invariants the accesses to `target` never overlap.
-unsafe impl Sync for SignalProxy {}
+// SAFETY: `NestedFence` is `Send`, and `hooks` is only used for shared references to an `H`,
+// which is `Sync`; see below for the shared access to `target`.
+unsafe impl<H: Sync> Send for SignalProxy<H> {}
+// SAFETY: By the type invariants the accesses to `target` never overlap, and `hooks` is only used
+// for shared references to an `H`, which is `Sync`.
+unsafe impl<H: Sync> Sync for SignalProxy<H> {}
 
-impl private::Sealed for SignalProxy {}
+impl<H> private::Sealed for SignalProxy<H> {}
 
-impl CallbackKind for SignalProxy {
+impl<H: ProxyHooks> CallbackKind for SignalProxy<H> {
     fn signalled(&self, result: Result, _: private::Token) {
         // SAFETY: By the type invariants nothing else accesses `target` now.
         let target = unsafe { &mut *self.target.get() };
@@ -1706,6 +1713,203 @@ impl CallbackKind for SignalProxy {
             // runs its callbacks, which are kinds of this module. Dropping `fence` only puts a
             // reference: the proxy keeps another one.
             fence.signal(result);
+            // SAFETY: By the type invariants `hooks` is valid while this action can run, and only
+            // shared references to it exist.
+            let hooks = unsafe { &*self.hooks };
+            hooks.followed(result, private::Token(()));
+        }
+    }
+}
+
+/// What a [`ProxyFence`] does besides signalling its fence: its *hooks*.
+///
+/// This trait is sealed, as [`CallbackKind`] is: the hooks are audited here for the contexts they
+/// run in. Every [`CallbackKind`] is a hook that runs when an earlier deadline is set on the
+/// proxy's fence, and does nothing when it signals; [`ReturnCredits`] also gives back a job's
+/// credits on its ring when the hardware fence signals it.
+pub trait ProxyHooks: private::Sealed + Send + Sync {
+    /// An earlier deadline was recorded on the proxy's fence: called in the context of whoever
+    /// set it, with the proxy fence's lock held. Must not sleep, allocate, or drop anything.
+    #[doc(hidden)]
+    fn deadline(&self, token: private::Token);
+
+    /// The proxy's fence signalled `result` because its source did: called right after, from the
+    /// source's signalling path, with the source's lock held (possibly in hardirq context), or in
+    /// the context of [`ProxyFence::follow`] if the source had signalled already. Not called when
+    /// the proxy's fence signals otherwise ([`ProxyFence::signal`], the drop of the proxy). Must
+    /// not sleep, allocate, or drop anything.
+    #[doc(hidden)]
+    fn followed(&self, result: Result, token: private::Token);
+}
+
+impl<K: CallbackKind> ProxyHooks for K {
+    fn deadline(&self, token: private::Token) {
+        self.signalled(Ok(()), token);
+    }
+
+    fn followed(&self, _result: Result, _: private::Token) {}
+}
+
+/// The credits of a ring: the room of a queue of limited size, such as a GPU's firmware ring,
+/// which jobs take when they are handed to it and give back when their hardware fence signals.
+///
+/// The credits are taken by whoever hands jobs to the ring ([`RingCredits::take_or_wait`]) and
+/// given back from the signalling path of the jobs' fences, by the [`ReturnCredits`] hooks of
+/// their [`ProxyFence`]s, without a lock. A taker that finds too few registers as waiting: the
+/// next return of credits wakes it (enqueues its work item on [`RingCredits::workqueue`]), and
+/// no return wakes anyone while no taker waits.
+///
+/// # Invariants
+///
+/// `in_use <= capacity`, as long as no more credits are given back than were taken.
+pub struct RingCredits {
+    capacity: u32,
+    in_use: Atomic<u32>,
+    /// A taker found too few credits and waits for the next return.
+    waiting: Atomic<bool>,
+    wq: Arc<FenceWorkqueue>,
+}
+
+impl RingCredits {
+    /// Creates the credits of a ring of `capacity`, none taken; returns of credits wake a waiting
+    /// taker on `wq`.
+    pub fn new(capacity: u32, wq: Arc<FenceWorkqueue>) -> Self {
+        // INVARIANT: None are in use.
+        Self {
+            capacity,
+            in_use: Atomic::new(0),
+            waiting: Atomic::new(false),
+            wq,
+        }
+    }
+
+    /// Returns the number of credits of the ring.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Returns the number of credits taken and not given back, as of now.
+    pub fn in_use(&self) -> u32 {
+        self.in_use.load(ordering::Relaxed)
+    }
+
+    /// Returns the workqueue that the returns of credits enqueue a waiting taker's work on.
+    pub fn workqueue(&self) -> &Arc<FenceWorkqueue> {
+        &self.wq
+    }
+
+    /// Takes `n` credits if the ring has room for them and returns `true`. Otherwise registers
+    /// the caller as waiting and returns `false`: the next return of credits wakes it.
+    ///
+    /// A caller that registered, and then finds room when it looks again, may be woken once for
+    /// nothing.
+    pub fn take_or_wait(&self, n: u32) -> bool {
+        let mut in_use = self.in_use.load(ordering::Acquire);
+        loop {
+            // By the type invariants `in_use <= capacity`: this does not overflow.
+            if n <= self.capacity - in_use {
+                // Acquire: pairs with the release of `give_back`, so that what the hardware did
+                // with the credits happens before whatever the caller puts in their place.
+                // INVARIANT: At most `capacity` are in use after the exchange.
+                match self.in_use.cmpxchg(in_use, in_use + n, ordering::Acquire) {
+                    Ok(_) => return true,
+                    Err(now) => {
+                        in_use = now;
+                        continue;
+                    }
+                }
+            }
+            // Full: the store of `waiting` comes before the load below, as the decrement of
+            // `give_back` comes before its load of `waiting`. Either `give_back` sees `waiting`
+            // and wakes us, or the load below sees the credits it gave back.
+            self.waiting.xchg(true, ordering::Full);
+            let now = self.in_use.load(ordering::Acquire);
+            if n > self.capacity - now {
+                return false;
+            }
+            in_use = now;
+        }
+    }
+
+    /// Gives back `n` credits taken with [`RingCredits::take_or_wait`]. Returns `true` if a taker
+    /// was waiting: the caller must wake it. Can be called from any context.
+    pub fn give_back(&self, n: u32) -> bool {
+        // Full: releases what the job did with the credits to the next taker, and orders the
+        // decrement before the load of `waiting` (see `take_or_wait`).
+        let old = self.in_use.fetch_sub(n, ordering::Full);
+        // More given back than taken: the caller's accounting is wrong, and the ring now claims
+        // room it does not have. Warn; nothing here depends on it for soundness.
+        crate::warn_on!(old < n);
+        self.waiting.load(ordering::Relaxed) && self.waiting.xchg(false, ordering::Relaxed)
+    }
+}
+
+/// An object whose [`RingCredits`] the [`ReturnCredits`] hooks of its jobs give credits back to.
+///
+/// # Safety
+///
+/// [`HasRingCredits::ring_credits`] only returns a reference to a field of `self`: it runs in
+/// fence callbacks, in atomic context, where it must not do anything else.
+pub unsafe trait HasRingCredits {
+    /// Returns the credits of the ring.
+    fn ring_credits(&self) -> &RingCredits;
+}
+
+/// The [`ProxyHooks`] of the done fence of a job on a ring with [`RingCredits`]: when the job's
+/// hardware fence signals the done fence, the job's credits go back to the ring, and the work
+/// item `WAKE` of `T` is enqueued if a taker waits for them; an earlier deadline on the done
+/// fence enqueues the work item `DEADLINE`. Both go on the credits' workqueue.
+///
+/// The credits go back only when the source signals the proxy: a job whose done fence is
+/// signalled otherwise ([`ProxyFence::signal`], [`ProxyFence::detach`] followed by a drop), or
+/// that never followed its hardware fence, still holds them, and its owner gives them back with
+/// [`RingCredits::give_back`]. [`ProxyFence::detach`] returning `false` says that the hook has
+/// given them back.
+pub struct ReturnCredits<T, const WAKE: u64, const DEADLINE: u64> {
+    item: Arc<T>,
+    credits: u32,
+}
+
+impl<T, const WAKE: u64, const DEADLINE: u64> ReturnCredits<T, WAKE, DEADLINE> {
+    /// Gives `credits` back to the ring of `item` when the source signals the proxy.
+    pub fn new(item: Arc<T>, credits: u32) -> Self {
+        Self { item, credits }
+    }
+
+    /// Returns the credits the job takes.
+    pub fn credits(&self) -> u32 {
+        self.credits
+    }
+}
+
+impl<T, const W: u64, const D: u64> private::Sealed for ReturnCredits<T, W, D> {}
+
+impl<T, const WAKE: u64, const DEADLINE: u64> ProxyHooks for ReturnCredits<T, WAKE, DEADLINE>
+where
+    T: HasRingCredits
+        + WorkItem<WAKE, Pointer = Arc<T>>
+        + HasWork<T, WAKE>
+        + WorkItem<DEADLINE, Pointer = Arc<T>>
+        + HasWork<T, DEADLINE>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn deadline(&self, _: private::Token) {
+        // As in `EnqueueWork`: `queue_work_on()` can be called from any context, and the clone
+        // handed back if the item is pending never drops the last reference, which `self.item`
+        // holds. `ring_credits` only returns a field (`HasRingCredits`' safety requirements).
+        let wq = self.item.ring_credits().workqueue();
+        let _ = wq.enqueue::<Arc<T>, DEADLINE>(self.item.clone());
+    }
+
+    fn followed(&self, _result: Result, _: private::Token) {
+        let credits = self.item.ring_credits();
+        // Atomic operations only; enqueueing as in `deadline`.
+        if credits.give_back(self.credits) {
+            let _ = credits
+                .workqueue()
+                .enqueue::<Arc<T>, WAKE>(self.item.clone());
         }
     }
 }
@@ -1725,11 +1929,11 @@ impl CallbackKind for SignalProxy {
 /// A deadline set on the proxy's fence (`dma_fence_set_deadline()`, [`DmaFence::set_deadline`])
 /// while the proxy drives it is kept, the earliest one, and passed on to the source, now or when
 /// the proxy follows one, as drm_sched passes the deadlines of its finished fences on to the
-/// hardware fences. The proxy's *deadline hook*, a [`CallbackKind`] given to
-/// [`ProxyFence::with_deadline_hook`], runs each time an earlier deadline is recorded, in the
-/// context of whoever set it, with the proxy fence's lock held: the kinds of this module can
-/// run there, as they can in a fence callback. [`ProxyFence::deadline`] reads the deadline.
-/// Deadlines set before the proxy was created, or after it was dropped, are ignored.
+/// hardware fences. The proxy's hooks ([`ProxyHooks`], given to [`ProxyFence::with_hooks`]) run
+/// each time an earlier deadline is recorded, in the context of whoever set it, with the proxy
+/// fence's lock held: the kinds of this module can run there, as they can in a fence callback.
+/// [`ProxyFence::deadline`] reads the deadline. Deadlines set before the proxy was created, or
+/// after it was dropped, are ignored.
 ///
 /// # Sources and their nesting levels
 ///
@@ -1771,10 +1975,12 @@ impl CallbackKind for SignalProxy {
 /// - The slot's `notify` is `Self::notify` and its `owner` the module that holds its text, on
 ///   which the proxy holds a reference for as long as the fence points to the slot.
 /// - The slot's `source` is null or the fence `callback` is armed on (and holds a reference to).
+/// - The `hooks` of `callback`'s kind point to the `hook` of `deadline`, which is dropped only
+///   after `callback` is disarmed for good.
 #[pin_data(PinnedDrop)]
 pub struct ProxyFence<H> {
     #[pin]
-    callback: FenceCallback<SignalProxy>,
+    callback: FenceCallback<SignalProxy<H>>,
     fence: ARef<DmaFence>,
     #[pin]
     deadline: Opaque<DeadlineState<H>>,
@@ -1802,7 +2008,7 @@ struct DeadlineSlot {
     owner: *mut bindings::module,
 }
 
-/// The deadline slot of a [`ProxyFence`] and its hook; the slot comes first, so a pointer to it
+/// The deadline slot of a [`ProxyFence`] and its hooks; the slot comes first, so a pointer to it
 /// derived from a pointer to the whole is a pointer to the whole.
 #[repr(C)]
 struct DeadlineState<H> {
@@ -1810,7 +2016,7 @@ struct DeadlineState<H> {
     hook: H,
 }
 
-/// The deadline hook of a [`ProxyFence`] that has none: does nothing.
+/// The hooks of a [`ProxyFence`] that has none: does nothing.
 pub struct NoHook;
 
 impl private::Sealed for NoHook {}
@@ -1820,22 +2026,29 @@ impl CallbackKind for NoHook {
 }
 
 impl ProxyFence<NoHook> {
-    /// Creates a proxy that will drive `fence`, without a deadline hook.
+    /// Creates a proxy that will drive `fence`, without hooks.
     pub fn new(fence: NestedFence) -> impl PinInit<Self> {
-        Self::with_deadline_hook(fence, NoHook)
+        Self::with_hooks(fence, NoHook)
     }
 }
 
-impl<H: CallbackKind> ProxyFence<H> {
-    /// Creates a proxy that will drive `fence` and perform `hook` whenever an earlier deadline
-    /// is set on it (see [Deadlines](Self#deadlines)).
-    pub fn with_deadline_hook(fence: NestedFence, hook: H) -> impl PinInit<Self> {
+impl<H: ProxyHooks> ProxyFence<H> {
+    /// Creates a proxy that will drive `fence` and run `hook`: when an earlier deadline is set on
+    /// the fence (see [Deadlines](Self#deadlines)), and when the source signals it.
+    pub fn with_hooks(fence: NestedFence, hook: H) -> impl PinInit<Self> {
         let shared = fence.to_aref();
         let notify: unsafe fn(*mut DeadlineSlot) = Self::notify;
         let owner = module_of(notify as *const c_void);
-        pin_init!(Self {
+        pin_init!(&this in Self {
             callback <- FenceCallback::new(SignalProxy {
                 target: UnsafeCell::new(Some(fence)),
+                // INVARIANT: The hooks are the `hook` of `deadline`, initialised below.
+                // SAFETY: `this` points to the proxy being initialised: the place is in bounds,
+                // and only its address is taken.
+                hooks: unsafe {
+                    let state = Opaque::cast_into(ptr::addr_of!((*this.as_ptr()).deadline));
+                    ptr::addr_of!((*state.cast::<DeadlineState<H>>()).hook)
+                },
             }),
             fence: shared,
             deadline: Opaque::new(DeadlineState {
@@ -1868,7 +2081,41 @@ impl<H: CallbackKind> ProxyFence<H> {
         })
     }
 
-    /// Runs the deadline hook of the proxy whose slot is `slot`.
+    /// Makes the proxy's fence signal when `source` does, with its result.
+    ///
+    /// If `source` has signalled already, the proxy's fence signals now. Replaces the previous
+    /// source, if any. Fails with `EINVAL`, leaving the proxy unchanged, if the nesting level of
+    /// `source` is not below the proxy's: signalling the proxy inside the source's lock would then
+    /// be lock recursion. A C fence counts as level 0 (see the [type documentation](Self)).
+    pub fn follow(self: Pin<&mut Self>, source: ARef<DmaFence>) -> Result {
+        self.follow_nested(source, 0)
+    }
+
+    /// Like [`ProxyFence::follow`], for a source whose nesting level is at least `level`.
+    ///
+    /// For a C fence, `level` is the level the caller declares for it: one above the fences
+    /// whose callbacks signal it. For a fence of this module the higher of its own level and
+    /// `level` counts.
+    pub fn follow_nested(mut self: Pin<&mut Self>, source: ARef<DmaFence>, level: u32) -> Result {
+        if source.nesting_level().max(level) >= self.level() {
+            return Err(EINVAL);
+        }
+        let raw_source = source.as_raw();
+        // Arming drops the reference on the previous source.
+        self.set_source(ptr::null_mut());
+        self.as_mut().project().callback.arm(source);
+        // The slot's lock orders this with `fence_set_deadline()`: either a deadline set from now
+        // on finds the source, or we find the deadline.
+        let deadline = self.set_source(raw_source);
+        if let Some(deadline) = deadline {
+            // SAFETY: The callback holds a reference on the source; `dma_fence_set_deadline()`
+            // can be called from any context.
+            unsafe { bindings::dma_fence_set_deadline(raw_source, deadline) };
+        }
+        Ok(())
+    }
+
+    /// Runs the deadline hook of the proxy whose slot is `slot` (`ProxyHooks::deadline`).
     ///
     /// # Safety
     ///
@@ -1880,7 +2127,7 @@ impl<H: CallbackKind> ProxyFence<H> {
         // SAFETY: By the safety requirements `state` is valid; `hook` is only ever accessed
         // through shared references.
         let hook = unsafe { &*ptr::addr_of!((*state).hook) };
-        hook.signalled(Ok(()), private::Token(()));
+        hook.deadline(private::Token(()));
     }
 }
 
@@ -1934,40 +2181,6 @@ impl<H> ProxyFence<H> {
         &self.fence
     }
 
-    /// Makes the proxy's fence signal when `source` does, with its result.
-    ///
-    /// If `source` has signalled already, the proxy's fence signals now. Replaces the previous
-    /// source, if any. Fails with `EINVAL`, leaving the proxy unchanged, if the nesting level of
-    /// `source` is not below the proxy's: signalling the proxy inside the source's lock would then
-    /// be lock recursion. A C fence counts as level 0 (see the [type documentation](Self)).
-    pub fn follow(self: Pin<&mut Self>, source: ARef<DmaFence>) -> Result {
-        self.follow_nested(source, 0)
-    }
-
-    /// Like [`ProxyFence::follow`], for a source whose nesting level is at least `level`.
-    ///
-    /// For a C fence, `level` is the level the caller declares for it: one above the fences
-    /// whose callbacks signal it. For a fence of this module the higher of its own level and
-    /// `level` counts.
-    pub fn follow_nested(mut self: Pin<&mut Self>, source: ARef<DmaFence>, level: u32) -> Result {
-        if source.nesting_level().max(level) >= self.level() {
-            return Err(EINVAL);
-        }
-        let raw_source = source.as_raw();
-        // Arming drops the reference on the previous source.
-        self.set_source(ptr::null_mut());
-        self.as_mut().project().callback.arm(source);
-        // The slot's lock orders this with `fence_set_deadline()`: either a deadline set from now
-        // on finds the source, or we find the deadline.
-        let deadline = self.set_source(raw_source);
-        if let Some(deadline) = deadline {
-            // SAFETY: The callback holds a reference on the source; `dma_fence_set_deadline()`
-            // can be called from any context.
-            unsafe { bindings::dma_fence_set_deadline(raw_source, deadline) };
-        }
-        Ok(())
-    }
-
     /// Stops following the source, without signalling the proxy's fence.
     ///
     /// Returns `true` if the proxy's fence has not signalled: it then signals only through a
@@ -2006,7 +2219,9 @@ impl<H> ProxyFence<H> {
 
 #[pinned_drop]
 impl<H> PinnedDrop for ProxyFence<H> {
-    fn drop(self: Pin<&mut Self>) {
+    fn drop(mut self: Pin<&mut Self>) {
+        // The source can no longer run the action, and with it the hooks, which go below.
+        self.as_mut().project().callback.disarm();
         let raw = self.fence.as_raw();
         let owner = self.with_slot(|slot| {
             // SAFETY: By the type invariants the fence points to our slot until now, and
@@ -2016,8 +2231,9 @@ impl<H> PinnedDrop for ProxyFence<H> {
             unsafe { (*raw.cast::<RawFence>()).deadline = ptr::null_mut() };
             slot.owner
         });
-        // SAFETY: The fence no longer points to the slot, so nothing else accesses the hook;
-        // `Opaque` does not drop it, so it is dropped once, here, before its module may go.
+        // SAFETY: The fence no longer points to the slot and the callback is disarmed, so nothing
+        // else accesses the hooks; `Opaque` does not drop them, so they are dropped once, here,
+        // before their module may go.
         unsafe { ptr::drop_in_place(Opaque::cast_into(ptr::addr_of!(self.deadline))) };
         // SAFETY: By the type invariants the proxy held a reference on `owner` for the fence's
         // pointer to the slot, which is gone.
@@ -2608,7 +2824,7 @@ mod tests {
         unproxied.set_deadline(at(1));
 
         let mut proxy = KBox::pin_init(
-            ProxyFence::with_deadline_hook(unproxied, EnqueueWork::new(wq.clone(), hooked.clone())),
+            ProxyFence::with_hooks(unproxied, EnqueueWork::new(wq.clone(), hooked.clone())),
             GFP_KERNEL,
         )?;
         assert_eq!(ns(proxy.deadline()), None);
@@ -2671,6 +2887,132 @@ mod tests {
         assert_eq!(C_DEADLINES.load(ordering::Relaxed), 4);
         hook_runs(4);
         plain.signal(Ok(()));
+        Ok(())
+    }
+
+    /// A ring whose credits [`ReturnCredits`] give back: counts the wake-ups of its taker (work
+    /// item 1) and of its deadline work (work item 2).
+    #[pin_data]
+    struct Ring {
+        credits: RingCredits,
+        #[pin]
+        wake: Work<Ring, 1>,
+        #[pin]
+        deadline: Work<Ring, 2>,
+        wakes: Atomic<u32>,
+        deadlines: Atomic<u32>,
+        #[pin]
+        woken: Completion,
+    }
+
+    impl_has_work! {
+        impl HasWork<Self, 1> for Ring { self.wake }
+        impl HasWork<Self, 2> for Ring { self.deadline }
+    }
+
+    // SAFETY: `ring_credits` returns a field of `self` and does nothing else.
+    unsafe impl HasRingCredits for Ring {
+        fn ring_credits(&self) -> &RingCredits {
+            &self.credits
+        }
+    }
+
+    impl WorkItem<1> for Ring {
+        type Pointer = Arc<Ring>;
+
+        fn run(this: Arc<Ring>) {
+            this.wakes.add(1, ordering::Relaxed);
+            this.woken.complete_all();
+        }
+    }
+
+    impl WorkItem<2> for Ring {
+        type Pointer = Arc<Ring>;
+
+        fn run(this: Arc<Ring>) {
+            this.deadlines.add(1, ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn credits_come_back_when_the_source_signals() -> Result {
+        let wq = fence_wq()?;
+        let credits = RingCredits::new(3, wq.clone());
+        let ring = Arc::pin_init(
+            pin_init!(Ring {
+                credits,
+                wake <- new_work!("dma_fence_test::Ring::wake"),
+                deadline <- new_work!("dma_fence_test::Ring::deadline"),
+                wakes: Atomic::new(0),
+                deadlines: Atomic::new(0),
+                woken <- Completion::new(),
+            }),
+            GFP_KERNEL,
+        )?;
+        let credits = &ring.credits;
+        let done = nested(1)?;
+        let job = |n: u32| -> Result<Pin<KBox<ProxyFence<ReturnCredits<Ring, 1, 2>>>>> {
+            let hooks = ReturnCredits::new(ring.clone(), n);
+            Ok(KBox::pin_init(
+                ProxyFence::with_hooks(done.new_fence(GFP_KERNEL)?, hooks),
+                GFP_KERNEL,
+            )?)
+        };
+        let counts = || {
+            wq.flush();
+            (
+                credits.in_use(),
+                ring.wakes.load(ordering::Relaxed),
+                ring.deadlines.load(ordering::Relaxed),
+            )
+        };
+
+        // Two jobs fill the ring; a third taker waits.
+        let (mut a, mut b) = (job(1)?, job(2)?);
+        assert!(credits.take_or_wait(1) && credits.take_or_wait(2));
+        assert!(!credits.take_or_wait(1));
+        let (hw_a, hw_b) = (ctx().new_fence(GFP_KERNEL)?, ctx().new_fence(GFP_KERNEL)?);
+        a.as_mut().follow(hw_a.to_aref())?;
+        b.as_mut().follow(hw_b.to_aref())?;
+        assert_eq!(counts(), (3, 0, 0));
+
+        // From hardirq: the done fence signals, its credit comes back, the taker is woken.
+        let (signaller, _timer) = IrqSignaller::start(hw_a, Ok(()), Delta::from_millis(2))?;
+        ring.woken.wait_for_completion();
+        assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
+        assert_eq!(a.fence().status(), Some(Ok(())));
+        assert_eq!(counts(), (2, 1, 0));
+        // With no taker waiting, a return wakes no one, whatever the result.
+        hw_b.signal(Err(EIO));
+        assert_eq!(counts(), (0, 1, 0));
+
+        // A done fence signalled otherwise than by its source leaves the credits to the owner.
+        let mut c = job(3)?;
+        assert!(credits.take_or_wait(3));
+        let hw_c = ctx().new_fence(GFP_KERNEL)?;
+        c.as_mut().follow(hw_c.to_aref())?;
+        assert!(c.as_mut().detach());
+        hw_c.signal(Ok(()));
+        assert!(c.as_mut().signal(Err(ECANCELED)));
+        drop(c);
+        assert!(!credits.take_or_wait(1));
+        assert_eq!(counts(), (3, 1, 0));
+        // Given back by the owner: the waiting taker is for the owner to wake.
+        assert!(credits.give_back(3));
+        assert!(!credits.give_back(0));
+        assert_eq!(counts(), (0, 1, 0));
+
+        // A source that signalled already gives the credits back in `follow()`, and wakes the
+        // taker that waits then. A deadline wakes the deadline work.
+        let mut d = job(2)?;
+        assert!(credits.take_or_wait(2) && !credits.take_or_wait(2));
+        d.fence()
+            .set_deadline(Instant::<Monotonic>::now() + Delta::from_secs(100));
+        let hw_d = ctx().new_fence(GFP_KERNEL)?;
+        let hw_d_view = hw_d.to_aref();
+        hw_d.signal(Ok(()));
+        d.as_mut().follow(hw_d_view)?;
+        assert_eq!(counts(), (0, 2, 1));
         Ok(())
     }
 

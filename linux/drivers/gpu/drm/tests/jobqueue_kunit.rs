@@ -2117,6 +2117,35 @@ mod tests {
         Ok(())
     }
 
+    /// A job's credits come back when its hardware fence signals its done fence, in that fence's
+    /// signalling path: not once the retire work has run, held up here behind a blocker.
+    #[test]
+    fn credits_come_back_with_the_hardware_fence() -> Result {
+        let wq = Arc::new(
+            FenceWorkqueue::new_ordered(c"jq_kunit_credits")?,
+            GFP_KERNEL,
+        )?;
+        let f = Fixture::on_workqueue(c"credits-hw", 2, &wq)?;
+        let hw_ctx = FenceContext::new(c"jobqueue_kunit", c"credits-hw");
+        let hw = hw_ctx.new_fence(GFP_KERNEL)?;
+        let mut job = f.job(2, us(10))?;
+        job.payload_mut().external_hw = Some(hw.to_aref());
+        let done = f.queue().submit(job)?;
+        wait_runs(&f, 1);
+        // The run work has made the done fence follow the hardware fence.
+        wq.flush();
+        let blocked = Blocker::block(&wq)?;
+        let before = f.queue().stats().credits_in_use;
+        hw.signal(Ok(()));
+        let status = done.status();
+        let after = f.queue().stats().credits_in_use;
+        drop(blocked);
+        wait(&done)?;
+        assert_eq!(status, Some(Ok(())));
+        assert_eq!((before, after), (2, 0));
+        Ok(())
+    }
+
     /// Submits to `f`, whose queue runs on `wq`, a job whose payload's drop waits for the done
     /// fence `later` returns, and makes the retire work that drops it come on `wq` before the
     /// run work that hands on the jobs `later` submits. Returns whether the drop's wait

@@ -82,7 +82,7 @@ pub struct Job<T: Backend> {
 
 impl<T: Backend> Job<T> {
     pub(super) fn new(queue: &Arc<Inner<T>>, credits: u32, payload: T::Job) -> Result<Self> {
-        if (credits == 0 && !queue.allow_zero_credits) || credits > queue.capacity {
+        if (credits == 0 && !queue.allow_zero_credits) || credits > queue.credits.capacity() {
             return Err(EINVAL);
         }
         let fence = FenceAllocation::new(GFP_KERNEL)?;

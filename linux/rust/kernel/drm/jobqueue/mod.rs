@@ -10,9 +10,10 @@
 //!
 //! The queue is built on [`dma_fence`](crate::dma_fence) alone: a
 //! [`ProxyFence`](crate::dma_fence::ProxyFence) makes each done fence follow the hardware fence
-//! that [`Backend::run`] returns, and [`EnqueueWork`](crate::dma_fence::EnqueueWork) callbacks
-//! move every other reaction to a fence into process context. Drivers never see a fence
-//! callback.
+//! that [`Backend::run`] returns and gives the job's credits back when it signals
+//! ([`ReturnCredits`](crate::dma_fence::ReturnCredits)), and
+//! [`EnqueueWork`](crate::dma_fence::EnqueueWork) callbacks move every other reaction to a fence
+//! into process context. Drivers never see a fence callback.
 //!
 //! # Job lifecycle
 //!
@@ -34,14 +35,14 @@
 //!                              +-------------+  hardware fence signals  +------------+
 //!                              |   running   | -----------------------> |  finished  |
 //!                              | Backend::run|   (done fence follows it,| done fence |
-//!                              +-------------+    with its error)       | = hw result|
-//!                               |    ^   |                              +------------+
+//!                              +-------------+    with its error; the   | = hw result|
+//!                               |    ^   |        credits come back)    +------------+
 //!              timeout: Backend |    |   | stop() / reset                     |
 //!              ::timed_out()    +----+   v                                    v
 //!                                 resubmit, cancel, or continue      retired in process
-//!                                 (now, or at reset_done())          context: credits back
-//!                                                                    and handed on, then
-//!                                                                    payload dropped
+//!                                 (now, or at reset_done())          context: credits handed
+//!                                                                    on, then payload
+//!                                                                    dropped
 //! ```
 //!
 //! # What the queue guarantees

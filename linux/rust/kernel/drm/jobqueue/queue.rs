@@ -15,7 +15,9 @@
 //!    [`JobQueue::stop`], the resume of a [`StoppedQueue`] and [`JobQueue::reset_done`], and by a
 //!    queue that joins or leaves a domain.
 //! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
-//!    the credits, and the queue's [`Life`] and stops. Taken by the run, retire, timeout, fault
+//!    and the queue's [`Life`] and stops. The credits ([`Inner::credits`]) are atomics: taken by
+//!    the run path with the mutex held, given back by the done fences' [`JobHooks`] without it,
+//!    or with it by a recovery. Taken by the run, retire, timeout, fault
 //!    and deadline work, stop and resume, and teardown, always through [`Inner::lock`];
 //!    [`Backend::run`] and [`Backend::timed_out`] are called with it held.
 //! 3. [`Inner::submitted`], a spinlock: [`Submitted`], the jobs submitted since the mutex was
@@ -25,7 +27,8 @@
 //!    without it.
 //!
 //! Then come fence locks and the workqueues' locks. Fence callbacks take none of the three:
-//! they only enqueue work ([`EnqueueWork`]) or signal a done fence ([`ProxyFence`]). No fence is
+//! they only enqueue work ([`EnqueueWork`]), or signal a done fence ([`ProxyFence`]) and give
+//! the job's credits back ([`JobHooks`]). No fence is
 //! waited for with a mutex held. The work items and resume hold the queue's mutex in a fence
 //! signalling section ([`SignallingSection`]), so that lockdep reports an allocation that may
 //! reclaim, or a wait for a fence, under it.
@@ -59,8 +62,11 @@ use crate::{
         EnqueueWork,
         FenceCallback,
         FenceWorkqueue,
+        HasRingCredits,
         NestedFenceContext,
         ProxyFence,
+        ReturnCredits,
+        RingCredits,
         SignallingSection, //
     },
     impl_has_delayed_work,
@@ -205,8 +211,11 @@ const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
 type DepCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RUN>>;
 type RetireCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RETIRE>>;
-/// Wakes the deadline work when a deadline is set on a done fence.
-type DeadlineHook<T> = EnqueueWork<Inner<T>, DEADLINE>;
+/// The hooks of a job's done fence: when the hardware fence signals it, the job's credits go back
+/// to [`Inner::credits`], and the retire work, which runs the run path, is woken if the run path
+/// waits for credits ([`Proc::credit_wait`]); a deadline set on the done fence wakes the
+/// deadline work.
+type JobHooks<T> = ReturnCredits<Inner<T>, RETIRE, DEADLINE>;
 
 /// Where a submitted job is in its life.
 ///
@@ -318,7 +327,7 @@ pub(super) struct JobNode<T: Backend> {
     pub(super) credits: u32,
     state: JobState<T>,
     #[pin]
-    pub(super) done: ProxyFence<DeadlineHook<T>>,
+    pub(super) done: ProxyFence<JobHooks<T>>,
 }
 
 /// A submitted job, as the queue holds it.
@@ -333,8 +342,9 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 ///   it ended ([`JobState::Ended`]) and waits for its release.
 /// - A job before `next_release` in [`JobState::Running`] is not [`Link::Unreleased`]: its done
 ///   fence was released.
-/// - `credits_in_use <= capacity`: the sum of the credits of the jobs in
-///   [`JobState::Running`].
+/// - The credits in use of [`Inner::credits`] are the sum of the credits of the jobs in
+///   [`JobState::Running`], less those of the jobs whose hardware fence has signalled their
+///   done fence ([`Link::Following`]): their [`JobHooks`] gave them back.
 /// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
 ///   holds its replacement.
 pub(super) struct Proc<T: Backend> {
@@ -349,7 +359,10 @@ pub(super) struct Proc<T: Backend> {
     /// The done fence of the last job released to its hardware fence, until it signals: later
     /// jobs that end without the hardware wait for it, so that done fences signal in order.
     last_released: Option<ARef<DmaFence>>,
-    credits_in_use: u32,
+    /// The run path stopped at a job the ring had no room for, waiting in [`Inner::credits`]: the
+    /// next return of credits wakes the retire work, which retires what finished and runs the run
+    /// path. Meanwhile the retire work does not watch the oldest job ([`Inner::take_finished`]).
+    credit_wait: bool,
     waiting: u32,
     running: u32,
     stopped: u32,
@@ -374,7 +387,8 @@ pub(super) struct Proc<T: Backend> {
     /// Wakes the retire work when the oldest job's done fence signals.
     retire_cb: Option<Pin<KBox<RetireCallback<T>>>>,
     /// The retire work is queued or running, or `retire_cb` is armed: the retire work will look
-    /// at every job in order without another kick.
+    /// at every job in order without another kick. The run path sets it, and kicks the retire
+    /// work, when it leaves jobs that nothing else will retire ([`Inner::watch_retire`]).
     retire_busy: bool,
 }
 
@@ -484,7 +498,8 @@ struct SpareRoom<T: Backend> {
 pub(super) struct Inner<T: Backend> {
     backend: T,
     name: &'static CStr,
-    pub(super) capacity: u32,
+    /// The credits of the ring, given back by the jobs' [`JobHooks`] or with the mutex held.
+    pub(super) credits: RingCredits,
     timeout: Option<Delta>,
     pipeline_own: bool,
     pub(super) allow_zero_credits: bool,
@@ -525,9 +540,17 @@ pub(super) struct Inner<T: Backend> {
 impl<T: Backend> PinnedDrop for Inner<T> {
     fn drop(self: Pin<&mut Self>) {
         // Every job gave its slot back and was dropped: each `Slot` holds a reference to `self`,
-        // and teardown retired and dropped every job.
+        // and teardown retired and dropped every job. So every job gave its credits back.
         let submitted = self.submitted.lock();
         crate::warn_on!(submitted.held != 0 || !submitted.retired.is_empty());
+        crate::warn_on!(self.credits.in_use() != 0);
+    }
+}
+
+// SAFETY: `ring_credits` returns a field of `self` and does nothing else.
+unsafe impl<T: Backend> HasRingCredits for Inner<T> {
+    fn ring_credits(&self) -> &RingCredits {
+        &self.credits
     }
 }
 
@@ -630,21 +653,29 @@ fn wait_on<T: Backend>(cb: &mut Option<Pin<KBox<DepCallback<T>>>>, fence: ARef<D
     }
 }
 
-/// The counters of a [`Proc`], borrowed apart from its jobs.
+/// The counters of a [`Proc`], borrowed apart from its jobs, and the queue's credits.
 struct Counters<'a> {
-    credits_in_use: &'a mut u32,
+    credits: &'a RingCredits,
     waiting: &'a mut u32,
     running: &'a mut u32,
 }
 
 impl Counters<'_> {
-    /// Accounts for a job leaving `state`, giving back its credits.
+    /// Accounts for a job leaving `state`, giving back its credits unless its hooks did.
+    ///
+    /// A waiting run path that this wakes is run by whoever called this: a recovery, which
+    /// kicks the run and retire work, or a dead queue's end, which runs nothing more.
     fn leave<T: Backend>(&mut self, state: &JobState<T>, credits: u32) {
         match state {
             JobState::Waiting { .. } | JobState::Ended(_) => *self.waiting -= 1,
-            JobState::Running { .. } => {
+            JobState::Running { link, .. } => {
                 *self.running -= 1;
-                *self.credits_in_use -= credits;
+                // Only a hardware fence followed to the end gives the credits back by itself
+                // (`Proc`'s invariants): a job leaves `Running` while `Following` only once its
+                // done fence has signalled.
+                if *link != Link::Following {
+                    self.credits.give_back(credits);
+                }
             }
             JobState::Finished { .. } | JobState::Retired { .. } => {}
         }
@@ -656,8 +687,9 @@ enum Step {
     /// There is no next job.
     Empty,
     /// The next job waits for a dependency or for credits. What it waits for runs the run path
-    /// again: the dependency's callback kicks the run work; credits come back in the retire
-    /// work, which runs it, or in a recovery, which kicks it.
+    /// again: the dependency's callback kicks the run work; credits come back in the done
+    /// fences' [`JobHooks`], which wake the retire work, which runs it, or in a recovery, which
+    /// kicks it.
     Waits,
     /// The next job was handed to the hardware.
     Started,
@@ -669,10 +701,10 @@ enum Step {
 }
 
 impl<T: Backend> Proc<T> {
-    /// Removes the oldest job, finished, for its retirement: its credits come back.
-    fn pop_oldest(&mut self) -> Option<Node<T>> {
+    /// Removes the oldest job, finished, for its retirement, with its credits back.
+    fn pop_oldest(&mut self, credits: &RingCredits) -> Option<Node<T>> {
         let mut node = self.jobs.pop_front()?;
-        let (_, mut counters) = self.split();
+        let (_, mut counters) = self.split(credits);
         let this = node.as_mut().project();
         counters.leave(this.state, *this.credits);
         if let JobState::Running { .. } = this.state {
@@ -689,11 +721,14 @@ impl<T: Backend> Proc<T> {
         self.stopped > 0 || self.life != Life::Alive
     }
 
-    fn split(&mut self) -> (&mut JobRing<Node<T>>, Counters<'_>) {
+    fn split<'a>(
+        &'a mut self,
+        credits: &'a RingCredits,
+    ) -> (&'a mut JobRing<Node<T>>, Counters<'a>) {
         (
             &mut self.jobs,
             Counters {
-                credits_in_use: &mut self.credits_in_use,
+                credits,
                 waiting: &mut self.waiting,
                 running: &mut self.running,
             },
@@ -719,9 +754,9 @@ impl<T: Backend> Proc<T> {
     /// is neither run again nor failed, unless a job before it is resubmitted (the ring then
     /// runs it again too, in order). A hardware fence that signalled an error may have been
     /// signalled by the reset itself: `recovery` decides.
-    fn recover(&mut self, recovery: Recovery, guilty: Option<u64>) {
+    fn recover(&mut self, credits: &RingCredits, recovery: Recovery, guilty: Option<u64>) {
         let mut resubmit_from = None;
-        let (jobs, mut counters) = self.split();
+        let (jobs, mut counters) = self.split(credits);
         for (seqno, node) in jobs.iter_mut() {
             let (hw_result, released) = match &node.state {
                 JobState::Running { hw, link, .. } if *link != Link::Following => {
@@ -774,9 +809,9 @@ impl<T: Backend> Proc<T> {
     /// already, successfully if its hardware fence signalled success, or with `error`.
     ///
     /// Only called once the hardware will not touch the queue's jobs again.
-    fn finish_all(&mut self, error: Error) {
+    fn finish_all(&mut self, credits: &RingCredits, error: Error) {
         self.detach_running();
-        let (jobs, mut counters) = self.split();
+        let (jobs, mut counters) = self.split(credits);
         for (_, node) in jobs.iter_mut() {
             let outcome = match &node.state {
                 JobState::Waiting { failed, .. } => Outcome::Cancelled(failed.unwrap_or(error)),
@@ -902,7 +937,7 @@ impl<T: Backend> Inner<T> {
                 node.credits,
                 deps,
                 proc.waiting + 1,
-                proc.credits_in_use,
+                self.credits.in_use(),
             );
             let seqno = node.done.fence().seqno();
             // Every job holds a slot, so the ring has room (`Submitted`'s invariants), and the
@@ -1040,15 +1075,18 @@ impl<T: Backend> Inner<T> {
     /// [`Self::run_jobs`] with the mutex held.
     fn run_locked(self: &Arc<Self>, mut guard: MutexGuard<'_, Proc<T>>) {
         let proc = &mut *guard;
+        // Set again below if the next job still waits for credits.
+        proc.credit_wait = false;
         if proc.halted() {
-            // Resuming kicks the run work; a dead queue takes no job.
+            // Resuming kicks the run and retire work; a dead queue takes no job. No job finishes
+            // meanwhile: the jobs on the hardware are detached, the ended ones wait for the run.
             self.submitted.lock().run_waits = true;
             return;
         }
-        let (mut started, mut finished) = (false, false);
+        let mut started = false;
         let (mut handled, mut more, mut waits) = (0, false, false);
         loop {
-            finished |= self.release_jobs(proc);
+            self.release_jobs(proc);
             if handled == RUN_BATCH {
                 more = true;
                 break;
@@ -1067,9 +1105,7 @@ impl<T: Backend> Inner<T> {
                 Step::Ended => handled += 1,
             }
         }
-        // The retire work needs a kick for the jobs that started or finished, unless it is busy
-        // already: then it gets to them in order.
-        let retire = (started || finished) && !core::mem::replace(&mut proc.retire_busy, true);
+        let retire = Self::watch_retire(proc);
         {
             let mut submitted = self.submitted.lock();
             submitted.run_waits = waits;
@@ -1091,6 +1127,17 @@ impl<T: Backend> Inner<T> {
         if retire {
             self.kick_retire();
         }
+    }
+
+    /// Returns whether the retire work needs a kick before the mutex goes, and then marks it
+    /// busy: the queue has jobs, and neither the retire work (busy already, it gets to them in
+    /// order) nor a return of credits (`credit_wait`) will look at them.
+    fn watch_retire(proc: &mut Proc<T>) -> bool {
+        if proc.credit_wait || proc.retire_busy || proc.jobs.len() == 0 {
+            return false;
+        }
+        proc.retire_busy = true;
+        true
     }
 
     /// Hands the job at `next_run` to the hardware if its dependencies have signalled and the
@@ -1121,14 +1168,21 @@ impl<T: Backend> Inner<T> {
             return Step::Ended;
         }
         let credits = node.credits;
-        // INVARIANT: `credits_in_use <= capacity`, so the subtraction does not overflow, and
-        // the job starts only if the sum stays within the capacity.
-        if credits > self.capacity - proc.credits_in_use {
-            // The retire work runs us when credits come back.
+        if !self.credits.take_or_wait(credits) {
+            // The next return of credits wakes the retire work, which runs us.
+            proc.credit_wait = true;
             return Step::Waits;
         }
         let hw = self.backend.run(JobRef::new(node.as_mut()));
         proc.next_run += 1;
+        let hw_result = match &hw {
+            Ok(hw) => hw.status(),
+            Err(_) => None,
+        };
+        if hw.is_err() || hw_result.is_some() {
+            // Not on the hardware: the credits come back now. A waiting run path is us.
+            self.credits.give_back(credits);
+        }
         let hw = match hw {
             Ok(hw) => hw,
             Err(e) => {
@@ -1136,9 +1190,7 @@ impl<T: Backend> Inner<T> {
                 return Step::Ended;
             }
         };
-        let hw_result = hw.status();
         if hw_result.is_none() {
-            proc.credits_in_use += credits;
             proc.waiting -= 1;
             proc.running += 1;
         }
@@ -1147,7 +1199,7 @@ impl<T: Backend> Inner<T> {
             node.done.fence(),
             &hw,
             proc.waiting,
-            proc.credits_in_use,
+            self.credits.in_use(),
         );
         if let Some(result) = hw_result {
             // The hardware was done before `run` returned: the job ran, and its done fence
@@ -1168,9 +1220,8 @@ impl<T: Backend> Inner<T> {
 
     /// Releases the done fences of the jobs that ran, in order: a running job's done fence
     /// follows its hardware fence, the done fence of a job that ended without the hardware
-    /// signals once the done fence released before it has. Returns whether a job finished.
-    fn release_jobs(&self, proc: &mut Proc<T>) -> bool {
-        let mut finished = false;
+    /// signals once the done fence released before it has.
+    fn release_jobs(&self, proc: &mut Proc<T>) {
         // INVARIANT: `next_release` only moves up to `next_run`.
         while proc.next_release < proc.next_run {
             let seqno = proc.next_release;
@@ -1217,13 +1268,12 @@ impl<T: Backend> Inner<T> {
                         }
                     }
                     let mut counters = Counters {
-                        credits_in_use: &mut proc.credits_in_use,
+                        credits: &self.credits,
                         waiting: &mut proc.waiting,
                         running: &mut proc.running,
                     };
                     finish(&mut counters, node.as_mut(), outcome);
                     proc.last_released = None;
-                    finished = true;
                 }
                 // Released before a recovery moved the cursor back, or finished. A waiting job
                 // is not between the cursors (`Proc`'s invariants).
@@ -1234,11 +1284,10 @@ impl<T: Backend> Inner<T> {
             }
             proc.next_release += 1;
         }
-        finished
     }
 
-    /// The retire work: removes finished jobs in order, gives their credits back, lets the run
-    /// path use them, and hands the jobs to the drop work.
+    /// The retire work: removes finished jobs in order and hands them to the drop work, and runs
+    /// the run path if it waits for credits: a return of credits wakes this work then.
     fn retire(self: &Arc<Self>) {
         let now = Instant::<Monotonic>::now();
         loop {
@@ -1248,11 +1297,11 @@ impl<T: Backend> Inner<T> {
                 // For the run below: `Backend::run` is called in a signalling section.
                 let _section = SignallingSection::begin();
                 let mut guard = self.lock();
-                let (taken, more) = Self::take_finished(&mut guard, &mut batch, now);
+                let (taken, more) = self.take_finished(&mut guard, &mut batch, now);
                 let idle = guard.jobs.len() == 0;
-                if taken > 0 {
-                    // The credits are back: hand the next jobs to the hardware, in the same hold
-                    // of the lock.
+                if guard.credit_wait {
+                    // Credits came back: hand the next jobs to the hardware, in the same hold of
+                    // the lock.
                     self.run_locked(guard);
                 }
                 (taken, idle, more)
@@ -1266,13 +1315,14 @@ impl<T: Backend> Inner<T> {
         }
     }
 
-    /// Takes the finished jobs at the front of `proc`, in order, into `batch`, and gives their
-    /// credits back. Returns how many it took, and whether the batch is full, with more jobs
-    /// that may have finished behind it. Otherwise it leaves the retire work idle: with the
-    /// retire callback armed on the done fence of the oldest job, or, without jobs or without
-    /// the callback, with `retire_busy` cleared, so that whatever changes the oldest job kicks
-    /// the retire work again.
+    /// Takes the finished jobs at the front of `proc`, in order, into `batch`. Returns how many
+    /// it took, and whether the batch is full, with more jobs that may have finished behind it.
+    /// Otherwise it leaves the retire work idle: with the retire callback armed on the done fence
+    /// of the oldest job, or, without jobs, without the callback or while the run path waits for
+    /// credits (whose return wakes the retire work), with `retire_busy` cleared, so that whatever
+    /// changes the oldest job kicks the retire work again.
     fn take_finished(
+        &self,
         proc: &mut Proc<T>,
         batch: &mut [Option<Node<T>>; RETIRE_BATCH],
         now: Instant<Monotonic>,
@@ -1297,7 +1347,7 @@ impl<T: Backend> Inner<T> {
                 let fence = this.done.fence().clone();
                 // `node` is not used past this point, which ends its borrow of the jobs.
                 let mut armed = false;
-                if let Some(cb) = proc.retire_cb.as_mut() {
+                if let (false, Some(cb)) = (proc.credit_wait, proc.retire_cb.as_mut()) {
                     if cb.as_mut().arm(fence) == Armed::RanNow {
                         continue;
                     }
@@ -1306,7 +1356,7 @@ impl<T: Backend> Inner<T> {
                 proc.retire_busy = armed;
                 return (taken, false);
             }
-            let Some(node) = proc.pop_oldest() else {
+            let Some(node) = proc.pop_oldest(&self.credits) else {
                 break;
             };
             batch[taken] = Some(node);
@@ -1415,7 +1465,7 @@ impl<T: Backend> Inner<T> {
         self.drop_retired();
         loop {
             // The guard goes at the end of the statement: the job is dropped without the lock.
-            let Some(node) = self.lock().pop_oldest() else {
+            let Some(node) = self.lock().pop_oldest(&self.credits) else {
                 break;
             };
             self.release_slots(1);
@@ -1544,7 +1594,7 @@ impl<T: Backend> Inner<T> {
                 for queue in queues {
                     let mut proc = queue.lock();
                     queue.close(&mut proc);
-                    proc.finish_all(ENODEV);
+                    proc.finish_all(&queue.credits, ENODEV);
                 }
                 (Recovery::Continue, None)
             }
@@ -1632,9 +1682,9 @@ impl<T: Backend> Inner<T> {
                 let recovery = core::mem::replace(&mut proc.pending_recovery, Recovery::Continue);
                 let guilty = proc.pending_guilty.take();
                 if proc.life == Life::Dying {
-                    proc.recover(Recovery::Continue, None);
+                    proc.recover(&self.credits, Recovery::Continue, None);
                 } else {
-                    proc.recover(recovery, guilty);
+                    proc.recover(&self.credits, recovery, guilty);
                 }
             }
             proc.unpause_timeout();
@@ -1732,6 +1782,7 @@ impl<T: Backend> JobQueue<T> {
             None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
         let inner_wq = wq.clone();
+        let credits_wq = wq.clone();
         let drop_wq = drop_wq()?;
         let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
         let intake = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
@@ -1741,7 +1792,7 @@ impl<T: Backend> JobQueue<T> {
             pin_init!(Inner {
                 backend,
                 name: options.name,
-                capacity: options.capacity,
+                credits: RingCredits::new(options.capacity, credits_wq),
                 timeout: options.timeout,
                 pipeline_own: options.pipeline_own_dependencies,
                 allow_zero_credits: options.allow_zero_credits,
@@ -1757,7 +1808,7 @@ impl<T: Backend> JobQueue<T> {
                     next_run: 1,
                     next_release: 1,
                     last_released: None,
-                    credits_in_use: 0,
+                    credit_wait: false,
                     waiting: 0,
                     running: 0,
                     stopped: 0,
@@ -1879,10 +1930,7 @@ impl<T: Backend> JobQueue<T> {
             payload,
             credits,
             state: JobState::Waiting { deps, failed: None },
-            done <- ProxyFence::with_deadline_hook(
-                done,
-                EnqueueWork::new(self.inner.wq.clone(), self.inner.clone()),
-            ),
+            done <- ProxyFence::with_hooks(done, ReturnCredits::new(self.inner.clone(), *credits)),
         });
         let Ok(node) = KBox::write_pin_init(node, init);
         // Room was checked above, with the spinlock held.
@@ -2100,7 +2148,7 @@ impl<T: Backend> JobQueue<T> {
         QueueStats {
             waiting: proc.waiting,
             running: proc.running,
-            credits_in_use: proc.credits_in_use,
+            credits_in_use: self.inner.credits.in_use(),
         }
     }
 
@@ -2142,7 +2190,7 @@ impl<T: Backend> Drop for JobQueue<T> {
         inner.backend.stop_hardware();
         {
             let _section = SignallingSection::begin();
-            inner.lock().finish_all(ECANCELED);
+            inner.lock().finish_all(&inner.credits, ECANCELED);
         }
         inner.retire_all();
     }
