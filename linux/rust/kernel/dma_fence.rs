@@ -1759,9 +1759,11 @@ impl<K: CallbackKind> ProxyHooks for K {
 /// next return of credits wakes it (enqueues its work item on [`RingCredits::workqueue`]), and
 /// no return wakes anyone while no taker waits.
 ///
+/// Several takers may wait at once: the returns wake the one work item they share.
+///
 /// # Invariants
 ///
-/// `in_use <= capacity`, as long as no more credits are given back than were taken.
+/// `in_use <= capacity`.
 pub struct RingCredits {
     capacity: u32,
     in_use: Atomic<u32>,
@@ -1833,13 +1835,25 @@ impl RingCredits {
 
     /// Gives back `n` credits taken with [`RingCredits::take_or_wait`]. Returns `true` if a taker
     /// was waiting: the caller must wake it. Can be called from any context.
+    ///
+    /// Giving back more than are in use is a bug of the caller: it warns, and none are left in
+    /// use.
+    #[must_use]
     pub fn give_back(&self, n: u32) -> bool {
-        // Full: releases what the job did with the credits to the next taker, and orders the
-        // decrement before the load of `waiting` (see `take_or_wait`).
-        let old = self.in_use.fetch_sub(n, ordering::Full);
-        // More given back than taken: the caller's accounting is wrong, and the ring now claims
-        // room it does not have. Warn; nothing here depends on it for soundness.
-        crate::warn_on!(old < n);
+        let mut in_use = self.in_use.load(ordering::Relaxed);
+        loop {
+            let left = in_use.checked_sub(n).unwrap_or_else(|| {
+                crate::warn_on!(true);
+                0
+            });
+            // Full: releases what the job did with the credits to the next taker, and orders the
+            // decrement before the load of `waiting` (see `take_or_wait`).
+            // INVARIANT: The credits in use only go down.
+            match self.in_use.cmpxchg(in_use, left, ordering::Full) {
+                Ok(_) => break,
+                Err(now) => in_use = now,
+            }
+        }
         self.waiting.load(ordering::Relaxed) && self.waiting.xchg(false, ordering::Relaxed)
     }
 }
@@ -1863,8 +1877,8 @@ pub unsafe trait HasRingCredits {
 /// The credits go back only when the source signals the proxy: a job whose done fence is
 /// signalled otherwise ([`ProxyFence::signal`], [`ProxyFence::detach`] followed by a drop), or
 /// that never followed its hardware fence, still holds them, and its owner gives them back with
-/// [`RingCredits::give_back`]. [`ProxyFence::detach`] returning `false` says that the hook has
-/// given them back.
+/// [`RingCredits::give_back`]. For a proxy that followed its source until then,
+/// [`ProxyFence::detach`] returning `false` says that the hooks have given them back.
 pub struct ReturnCredits<T, const WAKE: u64, const DEADLINE: u64> {
     item: Arc<T>,
     credits: u32,
@@ -2220,17 +2234,17 @@ impl<H> ProxyFence<H> {
 #[pinned_drop]
 impl<H> PinnedDrop for ProxyFence<H> {
     fn drop(mut self: Pin<&mut Self>) {
-        // The source can no longer run the action, and with it the hooks, which go below.
-        self.as_mut().project().callback.disarm();
         let raw = self.fence.as_raw();
         let owner = self.with_slot(|slot| {
             // SAFETY: By the type invariants the fence points to our slot until now, and
             // `with_slot` holds its lock: clearing the pointer under it means
-            // `fence_set_deadline()` no longer reaches the slot, the hook or the source once the
-            // lock is dropped, before any field of the proxy goes.
+            // `fence_set_deadline()` no longer reaches the slot, the hooks or the source once the
+            // lock is dropped, before the callback lets go of the source below.
             unsafe { (*raw.cast::<RawFence>()).deadline = ptr::null_mut() };
             slot.owner
         });
+        // The source can no longer run the action, and with it the hooks, which go below.
+        self.as_mut().project().callback.disarm();
         // SAFETY: The fence no longer points to the slot and the callback is disarmed, so nothing
         // else accesses the hooks; `Opaque` does not drop them, so they are dropped once, here,
         // before their module may go.
@@ -2953,10 +2967,10 @@ mod tests {
         let done = nested(1)?;
         let job = |n: u32| -> Result<Pin<KBox<ProxyFence<ReturnCredits<Ring, 1, 2>>>>> {
             let hooks = ReturnCredits::new(ring.clone(), n);
-            Ok(KBox::pin_init(
+            KBox::pin_init(
                 ProxyFence::with_hooks(done.new_fence(GFP_KERNEL)?, hooks),
                 GFP_KERNEL,
-            )?)
+            )
         };
         let counts = || {
             wq.flush();

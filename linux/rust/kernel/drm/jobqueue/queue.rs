@@ -343,8 +343,9 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 /// - A job before `next_release` in [`JobState::Running`] is not [`Link::Unreleased`]: its done
 ///   fence was released.
 /// - The credits in use of [`Inner::credits`] are the sum of the credits of the jobs in
-///   [`JobState::Running`], less those of the jobs whose hardware fence has signalled their
-///   done fence ([`Link::Following`]): their [`JobHooks`] gave them back.
+///   [`JobState::Running`] and of the jobs retired since, less those that the [`JobHooks`] of
+///   their done fences have given back: a [`Link::Following`] job's once its hardware fence has
+///   signalled it, and whatever the mutex.
 /// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
 ///   holds its replacement.
 pub(super) struct Proc<T: Backend> {
@@ -674,7 +675,8 @@ impl Counters<'_> {
                 // (`Proc`'s invariants): a job leaves `Running` while `Following` only once its
                 // done fence has signalled.
                 if *link != Link::Following {
-                    self.credits.give_back(credits);
+                    // Whoever called this runs the run path, as said above.
+                    let _ = self.credits.give_back(credits);
                 }
             }
             JobState::Finished { .. } | JobState::Retired { .. } => {}
@@ -1079,14 +1081,15 @@ impl<T: Backend> Inner<T> {
         proc.credit_wait = false;
         if proc.halted() {
             // Resuming kicks the run and retire work; a dead queue takes no job. No job finishes
-            // meanwhile: the jobs on the hardware are detached, the ended ones wait for the run.
+            // meanwhile (the jobs on the hardware are detached, the ended ones wait for the
+            // run), but in teardown, which retires every job.
             self.submitted.lock().run_waits = true;
             return;
         }
-        let mut started = false;
+        let (mut started, mut finished) = (false, false);
         let (mut handled, mut more, mut waits) = (0, false, false);
         loop {
-            self.release_jobs(proc);
+            finished |= self.release_jobs(proc);
             if handled == RUN_BATCH {
                 more = true;
                 break;
@@ -1105,7 +1108,7 @@ impl<T: Backend> Inner<T> {
                 Step::Ended => handled += 1,
             }
         }
-        let retire = Self::watch_retire(proc);
+        let retire = Self::watch_retire(proc, finished);
         {
             let mut submitted = self.submitted.lock();
             submitted.run_waits = waits;
@@ -1131,9 +1134,10 @@ impl<T: Backend> Inner<T> {
 
     /// Returns whether the retire work needs a kick before the mutex goes, and then marks it
     /// busy: the queue has jobs, and neither the retire work (busy already, it gets to them in
-    /// order) nor a return of credits (`credit_wait`) will look at them.
-    fn watch_retire(proc: &mut Proc<T>) -> bool {
-        if proc.credit_wait || proc.retire_busy || proc.jobs.len() == 0 {
+    /// order) nor a return of credits (`credit_wait`) will look at them, or the run path
+    /// `finished` jobs, which should not wait for the next return of credits.
+    fn watch_retire(proc: &mut Proc<T>, finished: bool) -> bool {
+        if (proc.credit_wait && !finished) || proc.retire_busy || proc.jobs.len() == 0 {
             return false;
         }
         proc.retire_busy = true;
@@ -1181,7 +1185,7 @@ impl<T: Backend> Inner<T> {
         };
         if hw.is_err() || hw_result.is_some() {
             // Not on the hardware: the credits come back now. A waiting run path is us.
-            self.credits.give_back(credits);
+            let _ = self.credits.give_back(credits);
         }
         let hw = match hw {
             Ok(hw) => hw,
@@ -1220,8 +1224,9 @@ impl<T: Backend> Inner<T> {
 
     /// Releases the done fences of the jobs that ran, in order: a running job's done fence
     /// follows its hardware fence, the done fence of a job that ended without the hardware
-    /// signals once the done fence released before it has.
-    fn release_jobs(&self, proc: &mut Proc<T>) {
+    /// signals once the done fence released before it has. Returns whether a job finished.
+    fn release_jobs(&self, proc: &mut Proc<T>) -> bool {
+        let mut finished = false;
         // INVARIANT: `next_release` only moves up to `next_run`.
         while proc.next_release < proc.next_run {
             let seqno = proc.next_release;
@@ -1274,6 +1279,7 @@ impl<T: Backend> Inner<T> {
                     };
                     finish(&mut counters, node.as_mut(), outcome);
                     proc.last_released = None;
+                    finished = true;
                 }
                 // Released before a recovery moved the cursor back, or finished. A waiting job
                 // is not between the cursors (`Proc`'s invariants).
@@ -1284,10 +1290,12 @@ impl<T: Backend> Inner<T> {
             }
             proc.next_release += 1;
         }
+        finished
     }
 
     /// The retire work: removes finished jobs in order and hands them to the drop work, and runs
-    /// the run path if it waits for credits: a return of credits wakes this work then.
+    /// the run path if it took jobs or if the run path waits for credits: a return of credits
+    /// wakes this work then.
     fn retire(self: &Arc<Self>) {
         let now = Instant::<Monotonic>::now();
         loop {
@@ -1299,9 +1307,9 @@ impl<T: Backend> Inner<T> {
                 let mut guard = self.lock();
                 let (taken, more) = self.take_finished(&mut guard, &mut batch, now);
                 let idle = guard.jobs.len() == 0;
-                if guard.credit_wait {
-                    // Credits came back: hand the next jobs to the hardware, in the same hold of
-                    // the lock.
+                if taken > 0 || guard.credit_wait {
+                    // Jobs finished, their dependents may run; or credits came back: hand the
+                    // next jobs to the hardware, in the same hold of the lock.
                     self.run_locked(guard);
                 }
                 (taken, idle, more)
