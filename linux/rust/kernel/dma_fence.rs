@@ -1724,9 +1724,9 @@ impl<H: ProxyHooks> CallbackKind for SignalProxy<H> {
 /// What a [`ProxyFence`] does besides signalling its fence: its *hooks*.
 ///
 /// This trait is sealed, as [`CallbackKind`] is: the hooks are audited here for the contexts they
-/// run in. Every [`CallbackKind`] is a hook that runs when an earlier deadline is set on the
-/// proxy's fence, and does nothing when it signals; [`ReturnCredits`] also gives back a job's
-/// credits on its ring when the hardware fence signals it.
+/// run in. They are [`NoHook`]; [`EnqueueWork`], which enqueues its work item each time an
+/// earlier deadline is set on the proxy's fence; and [`ReturnCredits`], which also gives back a
+/// job's credits on its ring when the hardware fence signals the proxy.
 pub trait ProxyHooks: private::Sealed + Send + Sync {
     /// An earlier deadline was recorded on the proxy's fence: called in the context of whoever
     /// set it, with the proxy fence's lock held. Must not sleep, allocate, or drop anything.
@@ -1742,8 +1742,12 @@ pub trait ProxyHooks: private::Sealed + Send + Sync {
     fn followed(&self, result: Result, token: private::Token);
 }
 
-impl<K: CallbackKind> ProxyHooks for K {
+impl<T, const ID: u64> ProxyHooks for EnqueueWork<T, ID>
+where
+    T: WorkItem<ID, Pointer = Arc<T>> + HasWork<T, ID> + Send + Sync + 'static,
+{
     fn deadline(&self, token: private::Token) {
+        // The callback's action, which may run in any context (see `CallbackKind`).
         self.signalled(Ok(()), token);
     }
 
@@ -2035,8 +2039,10 @@ pub struct NoHook;
 
 impl private::Sealed for NoHook {}
 
-impl CallbackKind for NoHook {
-    fn signalled(&self, _result: Result, _: private::Token) {}
+impl ProxyHooks for NoHook {
+    fn deadline(&self, _: private::Token) {}
+
+    fn followed(&self, _result: Result, _: private::Token) {}
 }
 
 impl ProxyFence<NoHook> {

@@ -702,6 +702,18 @@ enum Step {
     Skipped,
 }
 
+/// What one step of the release did.
+enum Release {
+    /// The job was released, or had been: go on to the next one.
+    Next,
+    /// The job ended without the hardware, and its done fence signalled now, in order.
+    Finished,
+    /// The release waits for a fence: its callback kicks the run work, which goes on.
+    Waits,
+    /// The fence the release would wait for signalled meanwhile: look at the job again.
+    Again,
+}
+
 impl<T: Backend> Proc<T> {
     /// Removes the oldest job, finished, for its retirement, with its credits back.
     fn pop_oldest(&mut self, credits: &RingCredits) -> Option<Node<T>> {
@@ -1229,68 +1241,77 @@ impl<T: Backend> Inner<T> {
         let mut finished = false;
         // INVARIANT: `next_release` only moves up to `next_run`.
         while proc.next_release < proc.next_run {
-            let seqno = proc.next_release;
-            let Some(node) = proc.jobs.get_mut(seqno) else {
-                proc.next_release += 1;
-                continue;
-            };
-            match &node.state {
-                JobState::Running {
-                    hw,
-                    link: Link::Unreleased,
-                    ..
-                } => {
-                    let hw = hw.clone();
-                    let mut this = node.as_mut().project();
-                    if this.done.as_mut().follow(hw.clone()).is_err() {
-                        // A hardware fence of too high a nesting level: the done fence cannot
-                        // follow it from its signalling path. Wait for it here instead; the
-                        // jobs behind wait for their release.
-                        crate::pr_warn_once!(
-                            "drm_jobqueue: {}: hardware fence of too high a nesting level\n",
-                            self.name
-                        );
-                        if wait_on(&mut proc.release_cb, hw) {
-                            break;
-                        }
-                        // It signalled meanwhile (its level now reads 0): follow it.
-                        continue;
-                    }
-                    if let JobState::Running { link, .. } = this.state {
-                        *link = Link::Following;
-                    }
-                    proc.last_released = Some(this.done.fence().clone());
-                }
-                JobState::Ended(outcome) => {
-                    // After the jobs before it, in order.
-                    let outcome = *outcome;
-                    if let Some(prev) = proc.last_released.clone() {
-                        if prev.status().is_none() {
-                            if wait_on(&mut proc.release_cb, prev) {
-                                break;
-                            }
-                            continue;
-                        }
-                    }
-                    let mut counters = Counters {
-                        credits: &self.credits,
-                        waiting: &mut proc.waiting,
-                        running: &mut proc.running,
-                    };
-                    finish(&mut counters, node.as_mut(), outcome);
-                    proc.last_released = None;
-                    finished = true;
-                }
-                // Released before a recovery moved the cursor back, or finished. A waiting job
-                // is not between the cursors (`Proc`'s invariants).
-                JobState::Running { .. }
-                | JobState::Waiting { .. }
-                | JobState::Finished { .. }
-                | JobState::Retired { .. } => {}
+            match self.release_one(proc) {
+                Release::Waits => break,
+                Release::Again => continue,
+                Release::Finished => finished = true,
+                Release::Next => {}
             }
             proc.next_release += 1;
         }
         finished
+    }
+
+    /// Releases the job at `next_release`, which is below `next_run`.
+    fn release_one(&self, proc: &mut Proc<T>) -> Release {
+        let Some(node) = proc.jobs.get_mut(proc.next_release) else {
+            return Release::Next;
+        };
+        match &node.state {
+            JobState::Running {
+                hw,
+                link: Link::Unreleased,
+                ..
+            } => {
+                let hw = hw.clone();
+                let mut this = node.as_mut().project();
+                if this.done.as_mut().follow(hw.clone()).is_err() {
+                    // A hardware fence of too high a nesting level: the done fence cannot follow
+                    // it from its signalling path. Wait for it here instead; the jobs behind
+                    // wait for their release.
+                    crate::pr_warn_once!(
+                        "drm_jobqueue: {}: hardware fence of too high a nesting level\n",
+                        self.name
+                    );
+                    if wait_on(&mut proc.release_cb, hw) {
+                        return Release::Waits;
+                    }
+                    // It signalled meanwhile (its level now reads 0): follow it.
+                    return Release::Again;
+                }
+                if let JobState::Running { link, .. } = this.state {
+                    *link = Link::Following;
+                }
+                proc.last_released = Some(this.done.fence().clone());
+                Release::Next
+            }
+            JobState::Ended(outcome) => {
+                // After the jobs before it, in order.
+                let outcome = *outcome;
+                if let Some(prev) = proc.last_released.clone() {
+                    if prev.status().is_none() {
+                        if wait_on(&mut proc.release_cb, prev) {
+                            return Release::Waits;
+                        }
+                        return Release::Again;
+                    }
+                }
+                let mut counters = Counters {
+                    credits: &self.credits,
+                    waiting: &mut proc.waiting,
+                    running: &mut proc.running,
+                };
+                finish(&mut counters, node.as_mut(), outcome);
+                proc.last_released = None;
+                Release::Finished
+            }
+            // Released before a recovery moved the cursor back, or finished. A waiting job is not
+            // between the cursors (`Proc`'s invariants).
+            JobState::Running { .. }
+            | JobState::Waiting { .. }
+            | JobState::Finished { .. }
+            | JobState::Retired { .. } => Release::Next,
+        }
     }
 
     /// The retire work: removes finished jobs in order and hands them to the drop work, and runs
