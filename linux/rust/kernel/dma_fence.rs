@@ -35,7 +35,10 @@
 //! | [`EnqueueWork`] | a [`WorkItem`] is enqueued on a [`FenceWorkqueue`], for process context |
 //! | [`QueueKthreadWork`] | a [`KthreadWorkItem`] is queued on a [`kthread::Worker`] |
 //! | [`ProxyFence`] | another fence signals, with the same error |
-//! | [`ReturnCredits`] (hooks of a [`ProxyFence`]) | credits go back to a [`RingCredits`] |
+//!
+//! A [`ProxyFence`]'s hooks are sealed too ([`ProxyHooks`]): [`NoHook`], [`EnqueueWork`] on an
+//! earlier deadline, and [`ReturnCredits`], which also gives a job's credits back to its ring's
+//! [`RingCredits`] when the source signals the proxy, and wakes a taker that waits for them.
 //!
 //! A [`FenceCallback`] holds one kind and the memory the C side needs. It is allocated and
 //! initialised before use, armed on a fence with [`FenceCallback::arm`], and removed from the
@@ -256,7 +259,7 @@ unsafe extern "C" fn fence_timeline_name(fence: *mut bindings::dma_fence) -> *co
 
 /// The `set_deadline` operation: records the deadline in the [`ProxyFence`] that drives the
 /// fence, if any and if it is earlier than the one it has, runs the proxy's deadline hook
-/// ([`ProxyHooks::deadline`]), and passes the deadline on to the proxy's source, as drm_sched's
+/// (`ProxyHooks::deadline`), and passes the deadline on to the proxy's source, as drm_sched's
 /// finished fence does with its parent. A fence no proxy drives ignores deadlines.
 ///
 /// Called by `dma_fence_set_deadline()` in any context, inside an RCU read-side critical section
@@ -277,7 +280,7 @@ unsafe extern "C" fn fence_set_deadline(
     // nothing. The proxy's callback holds a reference on `source` while it is in the slot (the
     // proxy clears it first, under this lock, whenever it lets go of its source), so it is valid
     // here and `dma_fence_get()` keeps it valid past the unlock. `notify` is the hook of the
-    // proxy, whose module the slot pins, and a callback kind may run with a fence lock held.
+    // proxy, whose module the slot pins, and `ProxyHooks::deadline` may run with this lock held.
     let source = unsafe {
         let flags = bindings::dma_fence_lock_irqsave(fence);
         let slot = (*raw).deadline;
@@ -984,10 +987,12 @@ impl Drop for SignallingSection {
 }
 
 mod private {
-    /// Seals [`super::CallbackKind`]: only this module can implement it.
+    /// Seals [`super::CallbackKind`] and [`super::ProxyHooks`]: only this module can implement
+    /// them.
     pub trait Sealed {}
 
-    /// Proves that a [`super::CallbackKind`] method is called by this module.
+    /// Proves that a [`super::CallbackKind`] or [`super::ProxyHooks`] method is called by this
+    /// module.
     pub struct Token(pub(super) ());
 }
 
@@ -1680,8 +1685,8 @@ where
     }
 }
 
-/// The action of a [`ProxyFence`]: signal the proxy's fence with the source's result, then run
-/// the proxy's [`ProxyHooks::followed`].
+/// The action of a [`ProxyFence`]: run the proxy's `ProxyHooks::followed`, then signal the
+/// proxy's fence with the source's result.
 ///
 /// # Invariants
 ///
@@ -1709,14 +1714,15 @@ impl<H: ProxyHooks> CallbackKind for SignalProxy<H> {
         // SAFETY: By the type invariants nothing else accesses `target` now.
         let target = unsafe { &mut *self.target.get() };
         if let Some(fence) = target.take() {
+            // SAFETY: By the type invariants `hooks` is valid while this action can run, and only
+            // shared references to it exist.
+            let hooks = unsafe { &*self.hooks };
+            // Before the signal: whoever sees the fence signalled sees what the hooks did.
+            hooks.followed(result, private::Token(()));
             // Signalling takes the target's lock, of a higher lockdep class than the source's, and
             // runs its callbacks, which are kinds of this module. Dropping `fence` only puts a
             // reference: the proxy keeps another one.
             fence.signal(result);
-            // SAFETY: By the type invariants `hooks` is valid while this action can run, and only
-            // shared references to it exist.
-            let hooks = unsafe { &*self.hooks };
-            hooks.followed(result, private::Token(()));
         }
     }
 }
@@ -1733,11 +1739,12 @@ pub trait ProxyHooks: private::Sealed + Send + Sync {
     #[doc(hidden)]
     fn deadline(&self, token: private::Token);
 
-    /// The proxy's fence signalled `result` because its source did: called right after, from the
-    /// source's signalling path, with the source's lock held (possibly in hardirq context), or in
-    /// the context of [`ProxyFence::follow`] if the source had signalled already. Not called when
-    /// the proxy's fence signals otherwise ([`ProxyFence::signal`], the drop of the proxy). Must
-    /// not sleep, allocate, or drop anything.
+    /// The source signalled `result`, which the proxy's fence signals right after this returns:
+    /// called from the source's signalling path, with the source's lock held (possibly in hardirq
+    /// context), or in the context of [`ProxyFence::follow`] if the source had signalled already.
+    /// Whoever sees the proxy's fence signalled sees what this did. Not called when the proxy's
+    /// fence signals otherwise ([`ProxyFence::signal`], the drop of the proxy). Must not sleep,
+    /// allocate, or drop anything.
     #[doc(hidden)]
     fn followed(&self, result: Result, token: private::Token);
 }
@@ -1874,9 +1881,10 @@ pub unsafe trait HasRingCredits {
 }
 
 /// The [`ProxyHooks`] of the done fence of a job on a ring with [`RingCredits`]: when the job's
-/// hardware fence signals the done fence, the job's credits go back to the ring, and the work
-/// item `WAKE` of `T` is enqueued if a taker waits for them; an earlier deadline on the done
-/// fence enqueues the work item `DEADLINE`. Both go on the credits' workqueue.
+/// hardware fence signals, the job's credits go back to the ring, and the work item `WAKE` of
+/// `T` is enqueued if a taker waits for them, all before the done fence signals, so that a done
+/// fence seen signalled has its credits back; an earlier deadline on the done fence enqueues
+/// the work item `DEADLINE`. Both go on the credits' workqueue.
 ///
 /// The credits go back only when the source signals the proxy: a job whose done fence is
 /// signalled otherwise ([`ProxyFence::signal`], [`ProxyFence::detach`] followed by a drop), or
@@ -1947,9 +1955,9 @@ where
 /// A deadline set on the proxy's fence (`dma_fence_set_deadline()`, [`DmaFence::set_deadline`])
 /// while the proxy drives it is kept, the earliest one, and passed on to the source, now or when
 /// the proxy follows one, as drm_sched passes the deadlines of its finished fences on to the
-/// hardware fences. The proxy's hooks ([`ProxyHooks`], given to [`ProxyFence::with_hooks`]) run
-/// each time an earlier deadline is recorded, in the context of whoever set it, with the proxy
-/// fence's lock held: the kinds of this module can run there, as they can in a fence callback.
+/// hardware fences. The deadline hook of the proxy's hooks ([`ProxyHooks`], given to
+/// [`ProxyFence::with_hooks`]) runs each time an earlier deadline is recorded, in the context of
+/// whoever set it, with the proxy fence's lock held, a context the hooks are audited for.
 /// [`ProxyFence::deadline`] reads the deadline. Deadlines set before the proxy was created, or
 /// after it was dropped, are ignored.
 ///
@@ -2921,8 +2929,6 @@ mod tests {
         deadline: Work<Ring, 2>,
         wakes: Atomic<u32>,
         deadlines: Atomic<u32>,
-        #[pin]
-        woken: Completion,
     }
 
     impl_has_work! {
@@ -2942,7 +2948,6 @@ mod tests {
 
         fn run(this: Arc<Ring>) {
             this.wakes.add(1, ordering::Relaxed);
-            this.woken.complete_all();
         }
     }
 
@@ -2965,7 +2970,6 @@ mod tests {
                 deadline <- new_work!("dma_fence_test::Ring::deadline"),
                 wakes: Atomic::new(0),
                 deadlines: Atomic::new(0),
-                woken <- Completion::new(),
             }),
             GFP_KERNEL,
         )?;
@@ -2996,11 +3000,11 @@ mod tests {
         b.as_mut().follow(hw_b.to_aref())?;
         assert_eq!(counts(), (3, 0, 0));
 
-        // From hardirq: the done fence signals, its credit comes back, the taker is woken.
+        // From hardirq: the credit comes back and the taker is woken before the done fence
+        // signals.
         let (signaller, _timer) = IrqSignaller::start(hw_a, Ok(()), Delta::from_millis(2))?;
-        ring.woken.wait_for_completion();
+        a.fence().wait()?;
         assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
-        assert_eq!(a.fence().status(), Some(Ok(())));
         assert_eq!(counts(), (2, 1, 0));
         // With no taker waiting, a return wakes no one, whatever the result.
         hw_b.signal(Err(EIO));

@@ -15,11 +15,12 @@
 //!    [`JobQueue::stop`], the resume of a [`StoppedQueue`] and [`JobQueue::reset_done`], and by a
 //!    queue that joins or leaves a domain.
 //! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
-//!    and the queue's [`Life`] and stops. The credits ([`Inner::credits`]) are atomics: taken by
-//!    the run path with the mutex held, given back by the done fences' [`JobHooks`] without it,
-//!    or with it by a recovery. Taken by the run, retire, timeout, fault
-//!    and deadline work, stop and resume, and teardown, always through [`Inner::lock`];
-//!    [`Backend::run`] and [`Backend::timed_out`] are called with it held.
+//!    and the queue's [`Life`] and stops. Taken by the run, retire, timeout, fault and deadline
+//!    work, stop and resume, and teardown, always through [`Inner::lock`]; [`Backend::run`] and
+//!    [`Backend::timed_out`] are called with it held. The credits ([`Inner::credits`]) are
+//!    atomics: taken by the run path with the mutex held, given back by the done fences'
+//!    [`JobHooks`] without it, or with it by the run path (a job that did not go to the
+//!    hardware), a recovery or [`Proc::finish_all`].
 //! 3. [`Inner::submitted`], a spinlock: [`Submitted`], the jobs submitted since the mutex was
 //!    last taken, the slots, [`Submitted::run_waits`] and the retired jobs on their way to the
 //!    drop work. Taken by [`JobQueue::submit`] and job creation, which never take the mutex, by
@@ -211,10 +212,10 @@ const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
 type DepCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RUN>>;
 type RetireCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RETIRE>>;
-/// The hooks of a job's done fence: when the hardware fence signals it, the job's credits go back
-/// to [`Inner::credits`], and the retire work, which runs the run path, is woken if the run path
-/// waits for credits ([`Proc::credit_wait`]); a deadline set on the done fence wakes the
-/// deadline work.
+/// The hooks of a job's done fence: when the hardware fence signals, before the done fence does,
+/// the job's credits go back to [`Inner::credits`], and the retire work, which runs the run path,
+/// is woken if the run path waits for credits ([`Proc::credit_wait`]); a deadline set on the done
+/// fence wakes the deadline work.
 type JobHooks<T> = ReturnCredits<Inner<T>, RETIRE, DEADLINE>;
 
 /// Where a submitted job is in its life.
@@ -253,7 +254,9 @@ enum JobState<T: Backend> {
     /// before `run` returned, or a recovery ended it before its release): its done fence
     /// signals `outcome` at its release, in order.
     Ended(Outcome),
-    /// Handed to the hardware, holding its credits, since `started` as far as the timeout goes.
+    /// Handed to the hardware since `started` as far as the timeout goes, holding its credits
+    /// until its hardware fence signals it (its [`JobHooks`] give them back) or it leaves this
+    /// state.
     Running {
         hw: ARef<DmaFence>,
         started: Instant<Monotonic>,
@@ -342,10 +345,9 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 ///   it ended ([`JobState::Ended`]) and waits for its release.
 /// - A job before `next_release` in [`JobState::Running`] is not [`Link::Unreleased`]: its done
 ///   fence was released.
-/// - The credits in use of [`Inner::credits`] are the sum of the credits of the jobs in
-///   [`JobState::Running`] and of the jobs retired since, less those that the [`JobHooks`] of
-///   their done fences have given back: a [`Link::Following`] job's once its hardware fence has
-///   signalled it, and whatever the mutex.
+/// - The credits in use of [`Inner::credits`] are those of the jobs in [`JobState::Running`]
+///   whose [`JobHooks`] have not given them back: the hooks of a [`Link::Following`] job do so,
+///   without the mutex, when its hardware fence signals, before its done fence signals.
 /// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
 ///   holds its replacement.
 pub(super) struct Proc<T: Backend> {
@@ -665,7 +667,7 @@ impl Counters<'_> {
     /// Accounts for a job leaving `state`, giving back its credits unless its hooks did.
     ///
     /// A waiting run path that this wakes is run by whoever called this: a recovery, which
-    /// kicks the run and retire work, or a dead queue's end, which runs nothing more.
+    /// kicks the run and retire work, or a dead or dying queue's end, which runs nothing more.
     fn leave<T: Backend>(&mut self, state: &JobState<T>, credits: u32) {
         match state {
             JobState::Waiting { .. } | JobState::Ended(_) => *self.waiting -= 1,
@@ -715,7 +717,8 @@ enum Release {
 }
 
 impl<T: Backend> Proc<T> {
-    /// Removes the oldest job, finished, for its retirement, with its credits back.
+    /// Removes the oldest job, finished, for its retirement. Its credits are back: given by its
+    /// hooks before its done fence signalled, or when it ended otherwise.
     fn pop_oldest(&mut self, credits: &RingCredits) -> Option<Node<T>> {
         let mut node = self.jobs.pop_front()?;
         let (_, mut counters) = self.split(credits);
@@ -1145,9 +1148,9 @@ impl<T: Backend> Inner<T> {
     }
 
     /// Returns whether the retire work needs a kick before the mutex goes, and then marks it
-    /// busy: the queue has jobs, and neither the retire work (busy already, it gets to them in
-    /// order) nor a return of credits (`credit_wait`) will look at them, or the run path
-    /// `finished` jobs, which should not wait for the next return of credits.
+    /// busy: the queue has jobs, the retire work is not busy (then it gets to them in order), and
+    /// the run path does not wait for credits (`credit_wait`: their return wakes the retire work)
+    /// or it `finished` jobs, which should not wait for that return.
     fn watch_retire(proc: &mut Proc<T>, finished: bool) -> bool {
         if (proc.credit_wait && !finished) || proc.retire_busy || proc.jobs.len() == 0 {
             return false;
@@ -1739,7 +1742,7 @@ pub struct QueueStats {
     pub waiting: u32,
     /// Jobs handed to the hardware and not finished yet.
     pub running: u32,
-    /// Credits taken by the running jobs.
+    /// Credits taken and not given back yet, as of the read.
     pub credits_in_use: u32,
 }
 
