@@ -1901,11 +1901,6 @@ impl<T, const WAKE: u64, const DEADLINE: u64> ReturnCredits<T, WAKE, DEADLINE> {
     pub fn new(item: Arc<T>, credits: u32) -> Self {
         Self { item, credits }
     }
-
-    /// Returns the credits the job takes.
-    pub fn credits(&self) -> u32 {
-        self.credits
-    }
 }
 
 impl<T, const W: u64, const D: u64> private::Sealed for ReturnCredits<T, W, D> {}

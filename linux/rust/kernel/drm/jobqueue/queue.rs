@@ -501,7 +501,9 @@ struct SpareRoom<T: Backend> {
 pub(super) struct Inner<T: Backend> {
     backend: T,
     name: &'static CStr,
-    /// The credits of the ring, given back by the jobs' [`JobHooks`] or with the mutex held.
+    /// The credits of the ring, given back by the jobs' [`JobHooks`] or with the mutex held, and
+    /// the queue's workqueue ([`RingCredits::workqueue`]), which the returns wake the retire work
+    /// on, as the queue's other work.
     pub(super) credits: RingCredits,
     timeout: Option<Delta>,
     pipeline_own: bool,
@@ -509,7 +511,6 @@ pub(super) struct Inner<T: Backend> {
     /// A fault asked for a timeout now.
     fault: Atomic<bool>,
     pub(super) fence_ctx: NestedFenceContext,
-    wq: Arc<FenceWorkqueue>,
     /// [`DROP_WQ`].
     drop_wq: &'static FenceWorkqueue,
     /// The reset domain the queue belongs to, if any: its timeout and fault work run on the
@@ -1051,8 +1052,13 @@ impl<T: Backend> Inner<T> {
         self.take_submitted(proc);
     }
 
+    /// The queue's workqueue: its run, retire and deadline work run there.
+    fn wq(&self) -> &FenceWorkqueue {
+        self.credits.workqueue()
+    }
+
     fn kick_run(self: &Arc<Self>) {
-        let _ = self.wq.enqueue::<Arc<Self>, RUN>(self.clone());
+        let _ = self.wq().enqueue::<Arc<Self>, RUN>(self.clone());
     }
 
     /// Queues the drop work, not on the queue's workqueue: a payload's `Drop` may wait for a job
@@ -1062,14 +1068,14 @@ impl<T: Backend> Inner<T> {
     }
 
     fn kick_retire(self: &Arc<Self>) {
-        let _ = self.wq.enqueue::<Arc<Self>, RETIRE>(self.clone());
+        let _ = self.wq().enqueue::<Arc<Self>, RETIRE>(self.clone());
     }
 
     /// The workqueue of the timeout and fault work: the reset domain's, or the queue's.
     fn timeout_wq(&self) -> &FenceWorkqueue {
         match &self.domain {
             Some(domain) => &domain.wq,
-            None => &self.wq,
+            None => self.wq(),
         }
     }
 
@@ -1194,24 +1200,21 @@ impl<T: Backend> Inner<T> {
         }
         let hw = self.backend.run(JobRef::new(node.as_mut()));
         proc.next_run += 1;
-        let hw_result = match &hw {
-            Ok(hw) => hw.status(),
-            Err(_) => None,
-        };
-        if hw.is_err() || hw_result.is_some() {
-            // Not on the hardware: the credits come back now. A waiting run path is us.
-            let _ = self.credits.give_back(credits);
-        }
+        // A job that is not on the hardware gives its credits back now. A waiting run path is us.
         let hw = match hw {
             Ok(hw) => hw,
             Err(e) => {
+                let _ = self.credits.give_back(credits);
                 *node.as_mut().project().state = JobState::Ended(Outcome::Cancelled(e));
                 return Step::Ended;
             }
         };
+        let hw_result = hw.status();
         if hw_result.is_none() {
             proc.waiting -= 1;
             proc.running += 1;
+        } else {
+            let _ = self.credits.give_back(credits);
         }
         trace::job_run(
             self.name,
@@ -1727,7 +1730,7 @@ impl<T: Backend> Inner<T> {
         self.kick_run();
         self.kick_retire();
         // Deadlines set while the queue was stopped.
-        let _ = self.wq.enqueue::<Arc<Self>, DEADLINE>(self.clone());
+        let _ = self.wq().enqueue::<Arc<Self>, DEADLINE>(self.clone());
         if let Some(timeout) = self.timeout {
             self.arm_timeout(timeout);
         }
@@ -1813,7 +1816,6 @@ impl<T: Backend> JobQueue<T> {
             Some(wq) => wq,
             None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
-        let inner_wq = wq.clone();
         let credits_wq = wq.clone();
         let drop_wq = drop_wq()?;
         let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
@@ -1830,7 +1832,6 @@ impl<T: Backend> JobQueue<T> {
                 allow_zero_credits: options.allow_zero_credits,
                 fault: Atomic::new(false),
                 fence_ctx,
-                wq: inner_wq,
                 drop_wq,
                 domain,
                 recovery <- Mutex::new((), RECOVERY_LOCK_NAME, recovery_lock_class()),
