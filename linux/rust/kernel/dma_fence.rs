@@ -1718,11 +1718,15 @@ impl<H: ProxyHooks> CallbackKind for SignalProxy<H> {
             // shared references to it exist.
             let hooks = unsafe { &*self.hooks };
             // Before the signal: whoever sees the fence signalled sees what the hooks did.
-            hooks.followed(result, private::Token(()));
+            let then = hooks.followed(result, private::Token(()));
             // Signalling takes the target's lock, of a higher lockdep class than the source's, and
             // runs its callbacks, which are kinds of this module. Dropping `fence` only puts a
             // reference: the proxy keeps another one.
             fence.signal(result);
+            // The hooks are still valid: the proxy is dropped only after this action returns.
+            if then {
+                hooks.after_signal(private::Token(()));
+            }
         }
     }
 }
@@ -1744,9 +1748,15 @@ pub trait ProxyHooks: private::Sealed + Send + Sync {
     /// context), or in the context of [`ProxyFence::follow`] if the source had signalled already.
     /// Whoever sees the proxy's fence signalled sees what this did. Not called when the proxy's
     /// fence signals otherwise ([`ProxyFence::signal`], the drop of the proxy). Must not sleep,
-    /// allocate, or drop anything.
+    /// allocate, or drop anything. Returns whether [`ProxyHooks::after_signal`] is to run.
     #[doc(hidden)]
-    fn followed(&self, result: Result, token: private::Token);
+    fn followed(&self, result: Result, token: private::Token) -> bool;
+
+    /// The proxy's fence has signalled, after [`ProxyHooks::followed`] asked for this: called in
+    /// the same context, right after the signal, so that the fence's waiters are woken first.
+    /// Must not sleep, allocate, or drop anything.
+    #[doc(hidden)]
+    fn after_signal(&self, token: private::Token);
 }
 
 impl<T, const ID: u64> ProxyHooks for EnqueueWork<T, ID>
@@ -1758,7 +1768,11 @@ where
         self.signalled(Ok(()), token);
     }
 
-    fn followed(&self, _result: Result, _: private::Token) {}
+    fn followed(&self, _result: Result, _: private::Token) -> bool {
+        false
+    }
+
+    fn after_signal(&self, _: private::Token) {}
 }
 
 /// The credits of a ring: the room of a queue of limited size, such as a GPU's firmware ring,
@@ -1881,10 +1895,12 @@ pub unsafe trait HasRingCredits {
 }
 
 /// The [`ProxyHooks`] of the done fence of a job on a ring with [`RingCredits`]: when the job's
-/// hardware fence signals, the job's credits go back to the ring, and the work item `WAKE` of
-/// `T` is enqueued if a taker waits for them, all before the done fence signals, so that a done
-/// fence seen signalled has its credits back; an earlier deadline on the done fence enqueues
-/// the work item `DEADLINE`. Both go on the credits' workqueue.
+/// hardware fence signals, the job's credits go back to the ring before the done fence signals,
+/// so that a done fence seen signalled has its credits back. If a taker waits for them, the work
+/// item `WAKE` of `T` is enqueued right after the done fence signalled, so that the fence's
+/// waiters are woken first, as drm_sched signals a job's finished fence before it queues its
+/// work. An earlier deadline on the done fence enqueues the work item `DEADLINE`. Both go on
+/// the credits' workqueue.
 ///
 /// The credits go back only when the source signals the proxy: a job whose done fence is
 /// signalled otherwise ([`ProxyFence::signal`], [`ProxyFence::detach`] followed by a drop), or
@@ -1924,14 +1940,15 @@ where
         let _ = wq.enqueue::<Arc<T>, DEADLINE>(self.item.clone());
     }
 
-    fn followed(&self, _result: Result, _: private::Token) {
-        let credits = self.item.ring_credits();
-        // Atomic operations only; enqueueing as in `deadline`.
-        if credits.give_back(self.credits) {
-            let _ = credits
-                .workqueue()
-                .enqueue::<Arc<T>, WAKE>(self.item.clone());
-        }
+    fn followed(&self, _result: Result, _: private::Token) -> bool {
+        // Atomic operations only. A waiting taker is woken once the done fence has signalled.
+        self.item.ring_credits().give_back(self.credits)
+    }
+
+    fn after_signal(&self, _: private::Token) {
+        // Enqueueing as in `deadline`.
+        let wq = self.item.ring_credits().workqueue();
+        let _ = wq.enqueue::<Arc<T>, WAKE>(self.item.clone());
     }
 }
 
@@ -2045,7 +2062,11 @@ impl private::Sealed for NoHook {}
 impl ProxyHooks for NoHook {
     fn deadline(&self, _: private::Token) {}
 
-    fn followed(&self, _result: Result, _: private::Token) {}
+    fn followed(&self, _result: Result, _: private::Token) -> bool {
+        false
+    }
+
+    fn after_signal(&self, _: private::Token) {}
 }
 
 impl ProxyFence<NoHook> {
@@ -2995,10 +3016,14 @@ mod tests {
         b.as_mut().follow(hw_b.to_aref())?;
         assert_eq!(counts(), (3, 0, 0));
 
-        // From hardirq: the credit comes back and the taker is woken before the done fence
-        // signals.
-        let (signaller, _timer) = IrqSignaller::start(hw_a, Ok(()), Delta::from_millis(2))?;
+        // From hardirq: the credit comes back before the done fence signals, and the taker is
+        // woken after it.
+        let (signaller, timer) = IrqSignaller::start(hw_a, Ok(()), Delta::from_millis(2))?;
         a.fence().wait()?;
+        let in_use = credits.in_use();
+        // Cancelling the timer waits for its callback, and with it the wake-up, to return.
+        drop(timer);
+        assert_eq!(in_use, 2);
         assert!(signaller.fired_in_hardirq.load(ordering::Relaxed));
         assert_eq!(counts(), (2, 1, 0));
         // With no taker waiting, a return wakes no one, whatever the result.
