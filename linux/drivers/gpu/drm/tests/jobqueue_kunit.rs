@@ -2146,6 +2146,53 @@ mod tests {
         Ok(())
     }
 
+    /// A job's timeout counts from when the job before it finished, also when the retire work
+    /// retires more jobs than it takes in one hold of the queue's lock: here 16 jobs finish
+    /// together while the workqueue is held up, 250 ms into a 400 ms timeout, and the 17th,
+    /// handed to the ring with them, must not time out 400 ms after that.
+    #[test]
+    fn timeout_counts_from_the_previous_job_after_a_full_retire_batch() -> Result {
+        const JOBS: usize = 17;
+        let wq = Arc::new(FenceWorkqueue::new_ordered(c"jq_kunit_batch")?, GFP_KERNEL)?;
+        let mut options = QueueOptions::new(
+            c"jobqueue_kunit",
+            c"timeout-batch",
+            JOBS as u32,
+            Some(Delta::from_millis(400)),
+        );
+        options.workqueue = Some(wq.clone());
+        let f = Fixture::build(options, JOBS, TimeoutAction::Reset(Recovery::Resubmit))?;
+        let hw_ctx = FenceContext::new(c"jobqueue_kunit", c"timeout-batch-hw");
+        let mut hws = KVec::with_capacity(JOBS, GFP_KERNEL)?;
+        let mut dones = KVec::with_capacity(JOBS, GFP_KERNEL)?;
+        for _ in 0..JOBS {
+            let hw = hw_ctx.new_fence(GFP_KERNEL)?;
+            let mut job = f.job(1, us(10))?;
+            job.payload_mut().external_hw = Some(hw.to_aref());
+            dones.push(f.queue().submit(job)?, GFP_KERNEL)?;
+            hws.push(hw, GFP_KERNEL)?;
+        }
+        wait_runs(&f, JOBS as u32);
+        fsleep(Delta::from_millis(250));
+        let last = hws.pop().ok_or(EINVAL)?;
+        {
+            let _blocked = Blocker::block(&wq)?;
+            for hw in hws.drain_all() {
+                hw.signal(Ok(()));
+            }
+        }
+        // The first 16 retire now; the 17th runs from now on, for 250 ms of its 400.
+        fsleep(Delta::from_millis(250));
+        let timeouts = Stats::get(&f.stats.timeouts);
+        last.signal(Ok(()));
+        for done in &dones {
+            wait(done)?;
+        }
+        assert_eq!(timeouts, 0);
+        assert_eq!(Stats::get(&f.stats.runs), JOBS as u32);
+        Ok(())
+    }
+
     /// Submits to `f`, whose queue runs on `wq`, a job whose payload's drop waits for the done
     /// fence `later` returns, and makes the retire work that drops it come on `wq` before the
     /// run work that hands on the jobs `later` submits. Returns whether the drop's wait

@@ -195,7 +195,7 @@ impl<T: Backend> Slot<T> {
 impl<T: Backend> Drop for Slot<T> {
     fn drop(&mut self) {
         if !self.kept {
-            self.queue.release_slots(1);
+            self.queue.release_slot();
         }
     }
 }

@@ -58,8 +58,8 @@
 //!   jobs behind it from running, only their done fences.
 //! - The driver's payload is dropped in process context only, after the job finished and after
 //!   the credits it took are back and handed on: by the queue's drop work, on a workqueue that
-//!   all queues share, one at a time per queue, in batches (once 16 retired jobs wait, when the
-//!   queue runs out of jobs, and a tick after a job retired at the latest), or by the thread
+//!   all queues share, one at a time per queue, in batches (at the latest a tick after a job
+//!   retired, or when the queue runs out of jobs), or by the thread
 //!   that drops the queue. Nothing that runs jobs or signals their done fences waits for it,
 //!   so its `Drop` may sleep, allocate and wait for fences, those of later jobs of its own
 //!   queue included (a buffer's drop may wait for them through reclaim). It must not drop a

@@ -6,33 +6,25 @@
 //!
 //! A queue has three locks. In the order they are taken:
 //!
-//! 1. The recovery lock ([`Inner::lock_recovery`]), a mutex: `ResetDomain::members` in a
-//!    [`ResetDomain`], with the domain's queues, its pending reset and whether its device is
-//!    gone, or [`Inner::recovery`] outside one. Taken by the timeout and fault work, which hold it
-//!    from the stop of the queues to their resume, across [`Backend::timed_out`] (to its return
-//!    if it leaves the reset to the driver: the queues stay stopped until
-//!    [`JobQueue::reset_done`], and a resume meanwhile recovers nothing, see [`Inner::resume`]), by
-//!    [`JobQueue::stop`], the resume of a [`StoppedQueue`] and [`JobQueue::reset_done`], and by a
-//!    queue that joins or leaves a domain.
+//! 1. The recovery lock, a mutex: held by the handling of a timeout from the stop of the queues
+//!    to their resume, and by whatever must not come in the middle of it (see
+//!    [`Inner::lock_recovery`]).
 //! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
-//!    and the queue's [`Life`] and stops. Taken by the run, retire, timeout, fault and deadline
-//!    work, stop and resume, and teardown, always through [`Inner::lock`]; [`Backend::run`] and
-//!    [`Backend::timed_out`] are called with it held. The credits ([`Inner::credits`]) are
-//!    atomics: taken by the run path with the mutex held, given back by the done fences'
-//!    [`JobHooks`] without it, or with it by the run path (a job that did not go to the
-//!    hardware), a recovery or [`Proc::finish_all`].
+//!    and the queue's [`Life`] and stops. Taken only through [`Inner::lock`], and never by
+//!    [`JobQueue::submit`], job creation, the drop work or fence callbacks. [`Backend::run`],
+//!    [`Backend::timed_out`] and [`Backend::deadline`] are called with it held. The credits
+//!    ([`Inner::credits`]) are atomics under no lock; [`Proc`]'s invariants say who gives them
+//!    back.
 //! 3. [`Inner::submitted`], a spinlock: [`Submitted`], the jobs submitted since the mutex was
 //!    last taken, the slots, [`Submitted::run_waits`] and the retired jobs on their way to the
-//!    drop work. Taken by [`JobQueue::submit`] and job creation, which never take the mutex, by
-//!    [`Inner::lock`] and the run and retire paths with the mutex held, and by the drop work,
-//!    without it.
+//!    drop work. Taken with or without the mutex, and never held while the mutex or the recovery
+//!    lock is taken.
 //!
 //! Then come fence locks and the workqueues' locks. Fence callbacks take none of the three:
 //! they only enqueue work ([`EnqueueWork`]), or signal a done fence ([`ProxyFence`]) and give
-//! the job's credits back ([`JobHooks`]). No fence is
-//! waited for with a mutex held. The work items and resume hold the queue's mutex in a fence
-//! signalling section ([`SignallingSection`]), so that lockdep reports an allocation that may
-//! reclaim, or a wait for a fence, under it.
+//! the job's credits back ([`JobHooks`]). No fence is waited for with a mutex held. The work
+//! items and resume hold the queue's mutex in a fence signalling section ([`SignallingSection`]),
+//! so that lockdep reports an allocation that may reclaim, or a wait for a fence, under it.
 //!
 //! [`Inner::lock`] moves the submitted jobs into [`Proc`] each time it takes the mutex, so a
 //! holder sees every job submitted before it took the mutex; one submitted later kicks the run
@@ -53,8 +45,7 @@ use super::{
     trace,
     Backend,
     QueueOptions,
-    Recovery,
-    TimeoutAction, //
+    Recovery, //
 };
 use crate::{
     dma_fence::{
@@ -75,10 +66,7 @@ use crate::{
     prelude::*,
     sync::{
         aref::ARef,
-        atomic::{
-            ordering,
-            Atomic, //
-        },
+        atomic::Atomic,
         static_lock_class,
         Arc,
         LockClassKey,
@@ -94,12 +82,20 @@ use crate::{
     },
     workqueue::{
         DelayedWork,
+        HasWork,
         Work,
         WorkItem, //
     }, //
 };
 
-/// Work item ids of [`Inner`].
+mod reset;
+
+pub use self::reset::{
+    ResetDomain,
+    StoppedQueue, //
+};
+
+// Work item ids of `Inner`.
 const RUN: u64 = 1;
 const RETIRE: u64 = 2;
 const TIMEOUT: u64 = 3;
@@ -108,10 +104,10 @@ const DEADLINE: u64 = 5;
 const DROP: u64 = 6;
 const DROP_SOON: u64 = 7;
 
-/// Lock class keys and names of every queue.
-///
-/// They are defined once, outside the generic code: a `static` in a generic function is shared
-/// by all its instances, but a name literal would be duplicated per crate, which lockdep rejects.
+// Lock class keys and names of every queue.
+//
+// They are defined once, outside the generic code: a `static` in a generic function is shared
+// by all its instances, but a name literal would be duplicated per crate, which lockdep rejects.
 fn proc_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
@@ -142,9 +138,6 @@ fn drop_soon_class() -> Pin<&'static LockClassKey> {
 fn drop_soon_timer_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
-fn domain_lock_class() -> Pin<&'static LockClassKey> {
-    static_lock_class!()
-}
 fn recovery_lock_class() -> Pin<&'static LockClassKey> {
     static_lock_class!()
 }
@@ -161,7 +154,6 @@ static DEADLINE_WORK_NAME: &CStr = c"drm_jobqueue:deadline_work";
 static DROP_WORK_NAME: &CStr = c"drm_jobqueue:drop_work";
 static DROP_SOON_NAME: &CStr = c"drm_jobqueue:drop_soon";
 static DROP_SOON_TIMER_NAME: &CStr = c"drm_jobqueue:drop_soon_timer";
-static DOMAIN_LOCK_NAME: &CStr = c"drm_jobqueue:reset_domain";
 static RECOVERY_LOCK_NAME: &CStr = c"drm_jobqueue:recovery";
 static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 
@@ -172,6 +164,9 @@ const RUN_BATCH: u32 = 16;
 
 /// How many retired jobs the retire work takes out of the queue per hold of the lock.
 const RETIRE_BATCH: usize = 16;
+
+/// How many retired jobs wait for the drop work before it is kicked at once.
+const DROP_BATCH: usize = 16;
 
 /// How long retired jobs wait for more to be dropped with, at most: a tick.
 const DROP_DELAY: crate::time::Jiffies = 1;
@@ -212,10 +207,10 @@ const TEARDOWN_TIMEOUT: Delta = Delta::from_secs(10);
 
 type DepCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RUN>>;
 type RetireCallback<T> = FenceCallback<EnqueueWork<Inner<T>, RETIRE>>;
-/// The hooks of a job's done fence: when the hardware fence signals, before the done fence does,
-/// the job's credits go back to [`Inner::credits`], and the retire work, which runs the run path,
-/// is woken if the run path waits for credits ([`Proc::credit_wait`]); a deadline set on the done
-/// fence wakes the deadline work.
+/// The hooks of a job's done fence: when the hardware fence signals, the job's credits go back to
+/// [`Inner::credits`] before the done fence signals, and the retire work, which runs the run path,
+/// is woken after it if the run path waits for credits ([`Proc::credit_wait`]); a deadline set on
+/// the done fence wakes the deadline work.
 type JobHooks<T> = ReturnCredits<Inner<T>, RETIRE, DEADLINE>;
 
 /// Where a submitted job is in its life.
@@ -255,8 +250,7 @@ enum JobState<T: Backend> {
     /// signals `outcome` at its release, in order.
     Ended(Outcome),
     /// Handed to the hardware since `started` as far as the timeout goes, holding its credits
-    /// until its hardware fence signals it (its [`JobHooks`] give them back) or it leaves this
-    /// state.
+    /// (see [`Proc`]'s invariants).
     Running {
         hw: ARef<DmaFence>,
         started: Instant<Monotonic>,
@@ -314,8 +308,8 @@ enum Outcome {
 enum Life {
     /// It takes jobs and hands them to the hardware.
     Alive,
-    /// Its device is gone ([`TimeoutAction::DeviceGone`]): [`Submitted::closed`] refuses new
-    /// jobs, and the jobs it had ended.
+    /// Its device is gone ([`DeviceGone`](super::TimeoutAction::DeviceGone)):
+    /// [`Submitted::closed`] refuses new jobs, and the jobs it had ended.
     Dead,
     /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work return at once from
     /// now on. Until it leaves its [`ResetDomain`], a reset of the domain still stops and resumes
@@ -374,13 +368,14 @@ pub(super) struct Proc<T: Backend> {
     timeout_paused: u32,
     /// When `timeout_paused` became non-zero.
     paused_at: Option<Instant<Monotonic>>,
-    /// The timed-out job of a reset the backend completes later ([`TimeoutAction::ResetLater`]).
-    reset_guilty: Option<u64>,
+    /// The timed-out job of a reset the backend completes later
+    /// ([`ResetLater`](super::TimeoutAction::ResetLater)).
+    reset_later_job: Option<u64>,
     /// The recovery asked for by the resumes since `stopped` was last 0, the most drastic one
-    /// ([`more_drastic`]), and the timed-out job of a reset among them: the jobs are recovered
-    /// when the last stop ends ([`Inner::resume`]).
+    /// ([`reset::more_drastic`]), and the timed-out job of a reset among them: the jobs are
+    /// recovered when the last stop ends ([`Inner::resume`]).
     pending_recovery: Recovery,
-    pending_guilty: Option<u64>,
+    pending_timed_out: Option<u64>,
     life: Life,
     /// Wakes the run work when the dependency the next job waits for signals.
     dep_cb: Option<Pin<KBox<DepCallback<T>>>>,
@@ -501,9 +496,8 @@ struct SpareRoom<T: Backend> {
 pub(super) struct Inner<T: Backend> {
     backend: T,
     name: &'static CStr,
-    /// The credits of the ring, given back by the jobs' [`JobHooks`] or with the mutex held, and
-    /// the queue's workqueue ([`RingCredits::workqueue`]), which the returns wake the retire work
-    /// on, as the queue's other work.
+    /// The credits of the ring (see [`Proc`]'s invariants), and the queue's workqueue
+    /// ([`RingCredits::workqueue`]), on which their returns wake the retire work.
     pub(super) credits: RingCredits,
     timeout: Option<Delta>,
     pipeline_own: bool,
@@ -674,11 +668,11 @@ impl Counters<'_> {
             JobState::Waiting { .. } | JobState::Ended(_) => *self.waiting -= 1,
             JobState::Running { link, .. } => {
                 *self.running -= 1;
-                // Only a hardware fence followed to the end gives the credits back by itself
-                // (`Proc`'s invariants): a job leaves `Running` while `Following` only once its
-                // done fence has signalled.
+                // INVARIANT: The job leaves `Running` with its credits given back: by its hooks
+                // if it is `Following` (it leaves `Running` then only once its done fence has
+                // signalled), here otherwise. Whoever called this runs the run path, as said
+                // above.
                 if *link != Link::Following {
-                    // Whoever called this runs the run path, as said above.
                     let _ = self.credits.give_back(credits);
                 }
             }
@@ -700,9 +694,11 @@ enum Step {
     Started,
     /// The next job ended without the hardware.
     Ended,
-    /// The next job had run or ended already (a recovery moved the cursor back), or the
-    /// dependency it waited for signalled meanwhile: look again.
+    /// The next job had run or ended already (a recovery moved the cursor back): go on to the
+    /// one after it.
     Skipped,
+    /// The dependency the next job waited for signalled meanwhile: look at it again.
+    Again,
 }
 
 /// What one step of the release did.
@@ -718,8 +714,8 @@ enum Release {
 }
 
 impl<T: Backend> Proc<T> {
-    /// Removes the oldest job, finished, for its retirement. Its credits are back: given by its
-    /// hooks before its done fence signalled, or when it ended otherwise.
+    /// Removes the oldest job, finished, for its retirement; its credits are back (see [`Proc`]'s
+    /// invariants).
     fn pop_oldest(&mut self, credits: &RingCredits) -> Option<Node<T>> {
         let mut node = self.jobs.pop_front()?;
         let (_, mut counters) = self.split(credits);
@@ -731,6 +727,19 @@ impl<T: Backend> Proc<T> {
         }
         trace::job_done(this.done.fence());
         Some(node)
+    }
+
+    /// Counts the timeout of the oldest job, if it runs, from `now` at the latest: the job before
+    /// it was just retired, so it started on the hardware by now (see [`Inner::oldest_running`]).
+    fn restart_front(&mut self, now: Instant<Monotonic>) {
+        let Some(node) = self.jobs.front_mut() else {
+            return;
+        };
+        if let JobState::Running { started, .. } = node.as_mut().project().state {
+            if (*started - now).is_negative() {
+                *started = now;
+            }
+        }
     }
 
     /// Whether the run path and the deadline and timeout work leave the queue's jobs alone: it is
@@ -765,64 +774,6 @@ impl<T: Backend> Proc<T> {
         }
     }
 
-    /// Recovers the running jobs whose done fence does not follow their hardware fence (detached
-    /// or not released yet) as `recovery` says; `guilty` times out.
-    ///
-    /// A job whose hardware fence signalled success has completed, whatever `recovery` says: it
-    /// is neither run again nor failed, unless a job before it is resubmitted (the ring then
-    /// runs it again too, in order). A hardware fence that signalled an error may have been
-    /// signalled by the reset itself: `recovery` decides.
-    fn recover(&mut self, credits: &RingCredits, recovery: Recovery, guilty: Option<u64>) {
-        let mut resubmit_from = None;
-        let (jobs, mut counters) = self.split(credits);
-        for (seqno, node) in jobs.iter_mut() {
-            let (hw_result, released) = match &node.state {
-                JobState::Running { hw, link, .. } if *link != Link::Following => {
-                    (hw.status(), *link == Link::Detached)
-                }
-                _ => continue,
-            };
-            let completed = hw_result == Some(Ok(())) && resubmit_from.is_none();
-            let outcome = if completed {
-                Some(Outcome::Completed(Ok(())))
-            } else if guilty == Some(seqno) {
-                Some(Outcome::Cancelled(ETIMEDOUT))
-            } else {
-                match recovery {
-                    Recovery::Continue => {
-                        if released {
-                            node.as_mut().reattach();
-                        }
-                        None
-                    }
-                    Recovery::Resubmit => {
-                        let this = node.as_mut().project();
-                        counters.leave(this.state, *this.credits);
-                        *counters.waiting += 1;
-                        *this.state = JobState::Waiting {
-                            deps: KVec::new(),
-                            failed: None,
-                        };
-                        resubmit_from.get_or_insert(seqno);
-                        None
-                    }
-                    Recovery::Cancel(e) => Some(Outcome::Cancelled(e)),
-                }
-            };
-            if let Some(outcome) = outcome {
-                end(&mut counters, node.as_mut(), outcome, released);
-            }
-        }
-        if let Some(seqno) = resubmit_from {
-            // Every released job before `seqno` has signalled: there is nothing to wait for.
-            // INVARIANT: Both cursors move back to at most `seqno`, so `next_release` stays at most
-            // `next_run`.
-            self.next_run = self.next_run.min(seqno);
-            self.next_release = self.next_release.min(seqno);
-            self.last_released = None;
-        }
-    }
-
     /// Ends every job whose done fence has not signalled, in order: with the outcome it had
     /// already, successfully if its hardware fence signalled success, or with `error`.
     ///
@@ -849,66 +800,6 @@ impl<T: Backend> Proc<T> {
             finish(&mut counters, node.as_mut(), outcome);
         }
         self.last_released = None;
-    }
-
-    /// Stops the queue: no job is handed to the hardware and no timeout fires until it resumes,
-    /// and the jobs on the hardware are detached from their hardware fences.
-    fn stop(&mut self) {
-        self.stopped += 1;
-        self.pause_timeout();
-        self.detach_running();
-    }
-
-    /// Stops the clock of the timeout, for a stop or a suspension of the timeout.
-    fn pause_timeout(&mut self) {
-        if self.timeout_paused == 0 {
-            self.paused_at = Some(Instant::now());
-        }
-        self.timeout_paused += 1;
-    }
-
-    /// Ends a [`Proc::pause_timeout`]; once none is left, shifts the start of the running jobs
-    /// by the time the clock stood still. Returns whether the clock runs again.
-    fn unpause_timeout(&mut self) -> bool {
-        self.timeout_paused = self.timeout_paused.saturating_sub(1);
-        if self.timeout_paused > 0 {
-            return false;
-        }
-        let Some(paused_at) = self.paused_at.take() else {
-            return true;
-        };
-        let paused_for = paused_at.elapsed();
-        for (_, node) in self.jobs.iter_mut() {
-            if let JobState::Running { started, .. } = &mut node.as_mut().project().state {
-                *started = *started + paused_for;
-            }
-        }
-        true
-    }
-}
-
-/// The more drastic of two recoveries, `earlier` if they are as drastic: cancelling over
-/// resubmitting over continuing. Jobs that one resume found lost stay lost, whatever a later one
-/// says: the queue stayed stopped in between, so the hardware did not run them again.
-fn more_drastic(earlier: Recovery, later: Recovery) -> Recovery {
-    match (earlier, later) {
-        (Recovery::Cancel(e), _) | (_, Recovery::Cancel(e)) => Recovery::Cancel(e),
-        (Recovery::Resubmit, _) | (_, Recovery::Resubmit) => Recovery::Resubmit,
-        (Recovery::Continue, Recovery::Continue) => Recovery::Continue,
-    }
-}
-
-impl<T: Backend> JobNode<T> {
-    /// Makes the done fence of a released running job follow its hardware fence again.
-    fn reattach(self: Pin<&mut Self>) {
-        let this = self.project();
-        if let JobState::Running { hw, link, .. } = this.state {
-            // The hardware fence's level was accepted at the release, or it signalled since
-            // (then its level reads 0): this cannot fail.
-            if this.done.follow(hw.clone()).is_ok() {
-                *link = Link::Following;
-            }
-        }
     }
 }
 
@@ -1036,9 +927,9 @@ impl<T: Backend> Inner<T> {
         Ok(())
     }
 
-    /// Gives back the slots of `n` jobs, retired or dropped before their submission.
-    pub(super) fn release_slots(&self, n: usize) {
-        self.submitted.lock().held -= n;
+    /// Gives back the slot of a job, retired or dropped before its submission.
+    pub(super) fn release_slot(&self) {
+        self.submitted.lock().held -= 1;
     }
 
     /// Marks the queue dead (if it is not dying), with its mutex held: no job is submitted from
@@ -1057,6 +948,25 @@ impl<T: Backend> Inner<T> {
         self.credits.workqueue()
     }
 
+    /// Allocates a callback that enqueues the queue's work item `ID` when its fence signals.
+    ///
+    /// One function for the three callbacks of [`Proc`]: with a `KBox::pin_init()` for each in
+    /// [`JobQueue::create`], the compiler emitted an instance of it whose symbol, which spells
+    /// the callback's type, is longer than kallsyms takes (`KSYM_NAME_LEN`) for a backend
+    /// defined in a doctest.
+    fn new_callback<const ID: u64>(
+        self: &Arc<Self>,
+    ) -> Result<Pin<KBox<FenceCallback<EnqueueWork<Self, ID>>>>>
+    where
+        Self: WorkItem<ID, Pointer = Arc<Self>> + HasWork<Self, ID>,
+    {
+        let wq = self.credits.workqueue().clone();
+        KBox::pin_init(
+            FenceCallback::new(EnqueueWork::new(wq, self.clone())),
+            GFP_KERNEL,
+        )
+    }
+
     fn kick_run(self: &Arc<Self>) {
         let _ = self.wq().enqueue::<Arc<Self>, RUN>(self.clone());
     }
@@ -1069,23 +979,6 @@ impl<T: Backend> Inner<T> {
 
     fn kick_retire(self: &Arc<Self>) {
         let _ = self.wq().enqueue::<Arc<Self>, RETIRE>(self.clone());
-    }
-
-    /// The workqueue of the timeout and fault work: the reset domain's, or the queue's.
-    fn timeout_wq(&self) -> &FenceWorkqueue {
-        match &self.domain {
-            Some(domain) => &domain.wq,
-            None => self.wq(),
-        }
-    }
-
-    fn arm_timeout(self: &Arc<Self>, after: Delta) {
-        let jiffies = crate::time::msecs_to_jiffies(
-            after.as_millis_ceil().clamp(1, i64::from(i32::MAX)) as u32,
-        );
-        let _ = self
-            .timeout_wq()
-            .enqueue_delayed::<Arc<Self>, TIMEOUT>(self.clone(), jiffies);
     }
 
     /// The run work: hands the jobs whose turn has come to the hardware, in order, and releases
@@ -1121,7 +1014,7 @@ impl<T: Backend> Inner<T> {
                     waits = true;
                     break;
                 }
-                Step::Skipped => {}
+                Step::Skipped | Step::Again => {}
                 Step::Started => {
                     started = true;
                     handled += 1;
@@ -1173,6 +1066,7 @@ impl<T: Backend> Inner<T> {
             return Step::Empty;
         };
         if !matches!(node.state, JobState::Waiting { .. }) {
+            // INVARIANT: The job is not waiting: `next_run` may move past it.
             proc.next_run += 1;
             return Step::Skipped;
         }
@@ -1180,14 +1074,14 @@ impl<T: Backend> Inner<T> {
             if wait_on(&mut proc.dep_cb, dep) {
                 return Step::Waits;
             }
-            // It signalled meanwhile: look again.
-            return Step::Skipped;
+            return Step::Again;
         }
         if let JobState::Waiting {
             failed: Some(e), ..
         } = node.state
         {
             // A dependency failed: the job does not run.
+            // INVARIANT: Ended before `next_run` moves past it.
             *node.as_mut().project().state = JobState::Ended(Outcome::Cancelled(e));
             proc.next_run += 1;
             return Step::Ended;
@@ -1199,6 +1093,8 @@ impl<T: Backend> Inner<T> {
             return Step::Waits;
         }
         let hw = self.backend.run(JobRef::new(node.as_mut()));
+        // INVARIANT: Every path below leaves the job `Ended`, with its credits given back, or
+        // `Running` and holding them, before the mutex goes.
         proc.next_run += 1;
         // A job that is not on the hardware gives its credits back now. A waiting run path is us.
         let hw = match hw {
@@ -1286,6 +1182,8 @@ impl<T: Backend> Inner<T> {
                     return Release::Again;
                 }
                 if let JobState::Running { link, .. } = this.state {
+                    // INVARIANT: `Following` before `next_release` moves past it. Its hooks give
+                    // its credits back from now on (already, if the hardware fence signalled).
                     *link = Link::Following;
                 }
                 proc.last_released = Some(this.done.fence().clone());
@@ -1370,16 +1268,7 @@ impl<T: Backend> Inner<T> {
             };
             let signalled = node.done.fence().status().is_some();
             if !signalled || matches!(node.state, JobState::Waiting { .. } | JobState::Ended(_)) {
-                let this = node.as_mut().project();
-                if let JobState::Running { started, .. } = this.state {
-                    // The oldest job runs: it really started when the one before it finished,
-                    // so its timeout counts from `now`, not from when it was handed to the ring
-                    // behind other jobs.
-                    if taken > 0 && (*started - now).is_negative() {
-                        *started = now;
-                    }
-                }
-                let fence = this.done.fence().clone();
+                let fence = node.done.fence().clone();
                 // `node` is not used past this point, which ends its borrow of the jobs.
                 let mut armed = false;
                 if let (false, Some(cb)) = (proc.credit_wait, proc.retire_cb.as_mut()) {
@@ -1396,6 +1285,7 @@ impl<T: Backend> Inner<T> {
             };
             batch[taken] = Some(node);
             taken += 1;
+            proc.restart_front(now);
         }
         (taken, true)
     }
@@ -1413,7 +1303,7 @@ impl<T: Backend> Inner<T> {
             for node in batch.iter_mut().filter_map(Option::take) {
                 submitted.retired.push(node);
             }
-            let now = idle || submitted.retired.len >= RETIRE_BATCH;
+            let now = idle || submitted.retired.len >= DROP_BATCH;
             (now, first && !now)
         };
         if now {
@@ -1503,7 +1393,7 @@ impl<T: Backend> Inner<T> {
             let Some(node) = self.lock().pop_oldest(&self.credits) else {
                 break;
             };
-            self.release_slots(1);
+            self.release_slot();
             self.drop_job(node);
         }
         self.run_work.flush();
@@ -1532,208 +1422,6 @@ impl<T: Backend> Inner<T> {
             self.backend.cancelled(JobRef::new(node.as_mut()), e);
         }
         drop(node);
-    }
-
-    /// Returns the oldest job on the hardware whose hardware fence has not signalled, and when
-    /// it started: when it was handed to the hardware, or when the job before it finished on
-    /// the hardware, whichever is later. The retire work records the latter, but the timeout
-    /// work can get here first: on a workqueue that is not ordered, or the reset domain's.
-    fn oldest_running(proc: &Proc<T>) -> Option<(u64, Instant<Monotonic>)> {
-        let mut previous_end: Option<Instant<Monotonic>> = None;
-        for (seqno, node) in proc.jobs.iter() {
-            match &node.state {
-                JobState::Running { hw, started, .. } if hw.status().is_none() => {
-                    let start = match previous_end {
-                        Some(end) if (*started - end).is_negative() => end,
-                        _ => *started,
-                    };
-                    return Some((seqno, start));
-                }
-                JobState::Running { hw, .. } => previous_end = hw.timestamp(),
-                _ => previous_end = node.done.fence().timestamp(),
-            }
-        }
-        None
-    }
-
-    /// The timeout and fault work: calls the backend for the oldest running job once it ran too
-    /// long, or at once after a fault.
-    fn check_timeout(self: &Arc<Self>) {
-        let _section = SignallingSection::begin();
-        // From the checks below to the end of the recovery, or to the return of
-        // `Backend::timed_out` if it leaves the reset to the driver: the timeouts of a domain
-        // are handled one at a time, and no stop or resume of the driver comes in between.
-        let recovering = self.lock_recovery();
-        let mut guard = self.lock();
-        let proc = &mut *guard;
-        let fault = self.fault.xchg(false, ordering::Relaxed);
-        if proc.halted() {
-            return;
-        }
-        if !fault && (proc.timeout_paused > 0 || self.timeout.is_none()) {
-            return;
-        }
-        let Some((seqno, started)) = Self::oldest_running(proc) else {
-            return;
-        };
-        if !fault {
-            let timeout = self.timeout.unwrap_or(Delta::ZERO);
-            let elapsed = started.elapsed();
-            if elapsed < timeout {
-                drop(guard);
-                self.arm_timeout(timeout - elapsed);
-                return;
-            }
-        }
-        // Stopped before the lock goes: nothing reruns or ends the job meanwhile.
-        proc.stop();
-        trace::queue_stop(self.name, self.fence_ctx.context());
-        drop(guard);
-        match recovering {
-            Recovering::Domain(mut members) => ResetDomain::timed_out(&mut members, self, seqno),
-            // A queue outside a domain recovers as a domain of one.
-            Recovering::Alone(_guard) => {
-                Self::recover_timeout(core::slice::from_ref(self), self, seqno);
-            }
-        }
-    }
-
-    /// Takes the lock that the handling of a timeout holds from the stop of the queues to their
-    /// resume: the domain's, or the queue's own outside a domain. [`JobQueue::stop`], the resume
-    /// of a [`StoppedQueue`] and [`JobQueue::reset_done`] take it too, so that they do not come
-    /// in the middle of it: a resume there would make the done fences follow their hardware
-    /// fences again while the backend resets the ring.
-    fn lock_recovery(&self) -> Recovering<'_, T> {
-        match &self.domain {
-            Some(domain) => Recovering::Domain(domain.members.lock()),
-            None => Recovering::Alone(self.recovery.lock()),
-        }
-    }
-
-    /// Handles the timeout of job `seqno` of `guilty`, stopped since the timeout was found, for
-    /// `queues`, which stop and recover together and include `guilty`: see [`ResetDomain`].
-    /// Returns what the backend decided.
-    fn recover_timeout(queues: &[Arc<Self>], guilty: &Arc<Self>, seqno: u64) -> TimeoutAction {
-        for queue in queues {
-            if !Arc::ptr_eq(queue, guilty) {
-                queue.stop();
-            }
-        }
-        let action = guilty.call_timed_out(seqno);
-        let (recovery, seqno) = match action {
-            TimeoutAction::NoHang => (Recovery::Continue, None),
-            TimeoutAction::Reset(recovery) => (recovery, Some(seqno)),
-            // Until `JobQueue::reset_done`.
-            TimeoutAction::ResetLater => return action,
-            TimeoutAction::DeviceGone => {
-                for queue in queues {
-                    let mut proc = queue.lock();
-                    queue.close(&mut proc);
-                    proc.finish_all(&queue.credits, ENODEV);
-                }
-                (Recovery::Continue, None)
-            }
-        };
-        Self::resume_queues(queues, guilty, recovery, seqno);
-        action
-    }
-
-    /// Calls [`Backend::timed_out`] for job `seqno`, stopped since it was found timed out, if it
-    /// is still on the hardware and not done, and the queue alive: otherwise the job finished
-    /// meanwhile, or the queue is being dropped, and there is nothing to recover
-    /// ([`TimeoutAction::NoHang`]).
-    fn call_timed_out(&self, seqno: u64) -> TimeoutAction {
-        let mut guard = self.lock();
-        let proc = &mut *guard;
-        if proc.life != Life::Alive {
-            return TimeoutAction::NoHang;
-        }
-        // The queue is stopped, so its timeout paused, since `paused_at`: the resume shifts the
-        // start by the time since then.
-        let restart = proc.paused_at.unwrap_or_else(Instant::now);
-        let Some(node) = proc.jobs.get_mut(seqno) else {
-            return TimeoutAction::NoHang;
-        };
-        if !matches!(&node.state, JobState::Running { hw, .. } if hw.status().is_none()) {
-            return TimeoutAction::NoHang;
-        }
-        let action = self.backend.timed_out(JobRef::new(node.as_mut()));
-        trace::job_timeout(self.name, node.done.fence(), action);
-        match action {
-            TimeoutAction::NoHang => {
-                // Another full timeout from the resume.
-                if let JobState::Running { started, .. } = node.as_mut().project().state {
-                    *started = restart;
-                }
-            }
-            TimeoutAction::ResetLater => proc.reset_guilty = Some(seqno),
-            TimeoutAction::Reset(_) | TimeoutAction::DeviceGone => {}
-        }
-        action
-    }
-
-    /// Resumes `queues` after a timeout or a reset of `guilty`'s job `seqno`, if any.
-    fn resume_queues(
-        queues: &[Arc<Self>],
-        guilty: &Arc<Self>,
-        recovery: Recovery,
-        seqno: Option<u64>,
-    ) {
-        for queue in queues {
-            let is_guilty = Arc::ptr_eq(queue, guilty);
-            queue.resume(recovery, seqno.filter(|_| is_guilty));
-        }
-    }
-
-    /// Stops the queue, as [`JobQueue::stop`] does.
-    fn stop(&self) {
-        let mut proc = self.lock();
-        proc.stop();
-        trace::queue_stop(self.name, self.fence_ctx.context());
-    }
-
-    /// Ends a stop, and once none is left recovers the jobs that were on the hardware and
-    /// restarts the run, retire and timeout work.
-    ///
-    /// While other stops are in force (a driver's [`StoppedQueue`], a reset the backend
-    /// completes later), whoever holds them may still be resetting the ring: `recovery` and
-    /// `guilty` are kept for the end of the last stop, which applies the most drastic recovery
-    /// asked for.
-    ///
-    /// A dying queue's last stop may be that of a reset that never completed
-    /// ([`ResetDomain::remove`]), so the hardware may still run its jobs whatever the recovery
-    /// says: it recovers nothing. Its jobs end by their hardware fences (those that signalled
-    /// already end now), or with the teardown, once [`Backend::stop_hardware`] has returned.
-    fn resume(self: &Arc<Self>, recovery: Recovery, guilty: Option<u64>) {
-        {
-            let _section = SignallingSection::begin();
-            let mut proc = self.lock();
-            proc.pending_recovery = more_drastic(proc.pending_recovery, recovery);
-            if guilty.is_some() {
-                proc.pending_guilty = guilty;
-            }
-            proc.stopped -= 1;
-            if proc.stopped == 0 {
-                let recovery = core::mem::replace(&mut proc.pending_recovery, Recovery::Continue);
-                let guilty = proc.pending_guilty.take();
-                if proc.life == Life::Dying {
-                    proc.recover(&self.credits, Recovery::Continue, None);
-                } else {
-                    proc.recover(&self.credits, recovery, guilty);
-                }
-            }
-            proc.unpause_timeout();
-            // With the lock held: once it goes, any holder may run the recovered jobs, and a
-            // trace must show the start before their runs.
-            trace::queue_start(self.name, self.fence_ctx.context(), recovery);
-        }
-        self.kick_run();
-        self.kick_retire();
-        // Deadlines set while the queue was stopped.
-        let _ = self.wq().enqueue::<Arc<Self>, DEADLINE>(self.clone());
-        if let Some(timeout) = self.timeout {
-            self.arm_timeout(timeout);
-        }
     }
 }
 
@@ -1816,7 +1504,6 @@ impl<T: Backend> JobQueue<T> {
             Some(wq) => wq,
             None => Arc::new(FenceWorkqueue::new_ordered(options.name)?, GFP_KERNEL)?,
         };
-        let credits_wq = wq.clone();
         let drop_wq = drop_wq()?;
         let ring = JobRing::new(INITIAL_SLOTS, GFP_KERNEL)?;
         let intake = KVVec::with_capacity(INITIAL_SLOTS, GFP_KERNEL)?;
@@ -1826,7 +1513,7 @@ impl<T: Backend> JobQueue<T> {
             pin_init!(Inner {
                 backend,
                 name: options.name,
-                credits: RingCredits::new(options.capacity, credits_wq),
+                credits: RingCredits::new(options.capacity, wq),
                 timeout: options.timeout,
                 pipeline_own: options.pipeline_own_dependencies,
                 allow_zero_credits: options.allow_zero_credits,
@@ -1847,9 +1534,9 @@ impl<T: Backend> JobQueue<T> {
                     stopped: 0,
                     timeout_paused: 0,
                     paused_at: None,
-                    reset_guilty: None,
+                    reset_later_job: None,
                     pending_recovery: Recovery::Continue,
-                    pending_guilty: None,
+                    pending_timed_out: None,
                     life: Life::Alive,
                     dep_cb: None,
                     release_cb: None,
@@ -1886,18 +1573,9 @@ impl<T: Backend> JobQueue<T> {
             GFP_KERNEL,
         )?;
         // The callbacks hold references to `inner`: teardown drops them to break the cycle.
-        let dep_cb = KBox::pin_init(
-            FenceCallback::new(EnqueueWork::new(wq.clone(), inner.clone())),
-            GFP_KERNEL,
-        )?;
-        let release_cb = KBox::pin_init(
-            FenceCallback::new(EnqueueWork::new(wq.clone(), inner.clone())),
-            GFP_KERNEL,
-        )?;
-        let retire_cb = KBox::pin_init(
-            FenceCallback::new(EnqueueWork::new(wq, inner.clone())),
-            GFP_KERNEL,
-        )?;
+        let dep_cb = inner.new_callback()?;
+        let release_cb = inner.new_callback()?;
+        let retire_cb = inner.new_callback()?;
         {
             let mut proc = inner.lock();
             proc.dep_cb = Some(dep_cb);
@@ -1980,201 +1658,6 @@ impl<T: Backend> JobQueue<T> {
         Ok(done_ref)
     }
 
-    /// Stops the queue, for example around a reset of the ring.
-    ///
-    /// No job is handed to the hardware and no timeout fires until the returned guard, and any
-    /// other stop in force, resumes the queue. The jobs on the hardware are detached from their
-    /// hardware fences: those that signal meanwhile are ignored, and [`StoppedQueue::resume`]
-    /// decides their fate. Submission keeps working. Sleeps, waiting for a timeout being handled
-    /// to end; must not be called from a [`Backend`] method.
-    ///
-    /// # Examples
-    ///
-    /// A reset of the ring that loses the job on it:
-    ///
-    /// ```
-    /// # use kernel::dma_fence::{DmaFence, FenceContext, UniqueFence};
-    /// # use kernel::drm::jobqueue::{Backend, JobQueue, JobRef, QueueOptions};
-    /// # use kernel::drm::jobqueue::{Recovery, TimeoutAction};
-    /// # use kernel::new_spinlock;
-    /// # use kernel::sync::{aref::ARef, Arc, Completion, SpinLock};
-    /// # /// A ring that leaves the hardware fence of its last job to the example.
-    /// # struct Ring {
-    /// #     hw: FenceContext,
-    /// #     last: Arc<SpinLock<Option<UniqueFence>>>,
-    /// #     ran: Arc<Completion>,
-    /// #     reset_asked: Arc<Completion>,
-    /// # }
-    /// # impl Backend for Ring {
-    /// #     type Job = ();
-    /// #     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
-    /// #         let fence = self.hw.new_fence(GFP_NOWAIT)?;
-    /// #         let hw = fence.to_aref();
-    /// #         *self.last.lock() = Some(fence);
-    /// #         self.ran.complete_all();
-    /// #         Ok(hw)
-    /// #     }
-    /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
-    /// #         // Asks the firmware to take the ring off the hardware, which takes a while.
-    /// #         self.reset_asked.complete_all();
-    /// #         TimeoutAction::ResetLater
-    /// #     }
-    /// #     fn stop_hardware(&self) {
-    /// #         let last = self.last.lock().take();
-    /// #         if let Some(fence) = last {
-    /// #             fence.signal(Err(ECANCELED));
-    /// #         }
-    /// #     }
-    /// # }
-    /// # let last = Arc::pin_init(new_spinlock!(None), GFP_KERNEL)?;
-    /// # let ran = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
-    /// # let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
-    /// # let ring = Ring {
-    /// #     hw: FenceContext::new(c"example", c"ring0-hw"),
-    /// #     last: last.clone(),
-    /// #     ran: ran.clone(),
-    /// #     reset_asked: reset_asked.clone(),
-    /// # };
-    /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
-    /// let done = queue.submit(queue.new_job(1, ())?)?;
-    /// // The run work hands the job to `Backend::run`, which writes it to the ring.
-    /// ran.wait_for_completion();
-    ///
-    /// let stopped = queue.stop();
-    /// // The reset signals the lost job's hardware fence with an error: the stopped queue
-    /// // ignores it, and the recovery decides.
-    /// let lost = last.lock().take();
-    /// if let Some(fence) = lost {
-    ///     fence.signal(Err(EIO));
-    /// }
-    /// stopped.resume(Recovery::Cancel(EIO));
-    /// assert_eq!(done.status(), Some(Err(EIO)));
-    /// # Ok::<(), Error>(())
-    /// ```
-    pub fn stop(&self) -> StoppedQueue<'_, T> {
-        let _recovering = self.inner.lock_recovery();
-        self.inner.stop();
-        StoppedQueue {
-            queue: self,
-            resumed: false,
-        }
-    }
-
-    /// Completes a reset that [`Backend::timed_out`] left to the driver
-    /// ([`TimeoutAction::ResetLater`]), recovering the jobs that were on the hardware as
-    /// `recovery` says (once no other stop is in force, and as a more drastic resume asked for
-    /// meanwhile: see [`StoppedQueue::resume`]); the timed-out job's done fence signals
-    /// `-ETIMEDOUT` (unless its hardware fence signalled success meanwhile).
-    ///
-    /// Call it from the driver's reset work once the hardware no longer runs the ring (or runs
-    /// it again, for [`Recovery::Continue`]). Fails with `EINVAL` if no such reset is pending.
-    /// Sleeps; must not be called from a [`Backend`] method.
-    ///
-    /// # Examples
-    ///
-    /// A fault on the ring, whose reset the driver completes from its own work:
-    ///
-    /// ```
-    /// # use kernel::dma_fence::{DmaFence, FenceContext, UniqueFence};
-    /// # use kernel::drm::jobqueue::{Backend, JobQueue, JobRef, QueueOptions};
-    /// # use kernel::drm::jobqueue::{Recovery, TimeoutAction};
-    /// # use kernel::new_spinlock;
-    /// # use kernel::sync::{aref::ARef, Arc, Completion, SpinLock};
-    /// # /// A ring that leaves the hardware fence of its last job to the example.
-    /// # struct Ring {
-    /// #     hw: FenceContext,
-    /// #     last: Arc<SpinLock<Option<UniqueFence>>>,
-    /// #     ran: Arc<Completion>,
-    /// #     reset_asked: Arc<Completion>,
-    /// # }
-    /// # impl Backend for Ring {
-    /// #     type Job = ();
-    /// #     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
-    /// #         let fence = self.hw.new_fence(GFP_NOWAIT)?;
-    /// #         let hw = fence.to_aref();
-    /// #         *self.last.lock() = Some(fence);
-    /// #         self.ran.complete_all();
-    /// #         Ok(hw)
-    /// #     }
-    /// #     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
-    /// #         // Asks the firmware to take the ring off the hardware, which takes a while.
-    /// #         self.reset_asked.complete_all();
-    /// #         TimeoutAction::ResetLater
-    /// #     }
-    /// #     fn stop_hardware(&self) {
-    /// #         let last = self.last.lock().take();
-    /// #         if let Some(fence) = last {
-    /// #             fence.signal(Err(ECANCELED));
-    /// #         }
-    /// #     }
-    /// # }
-    /// # let last = Arc::pin_init(new_spinlock!(None), GFP_KERNEL)?;
-    /// # let ran = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
-    /// # let reset_asked = Arc::pin_init(Completion::new(), GFP_KERNEL)?;
-    /// # let ring = Ring {
-    /// #     hw: FenceContext::new(c"example", c"ring0-hw"),
-    /// #     last: last.clone(),
-    /// #     ran: ran.clone(),
-    /// #     reset_asked: reset_asked.clone(),
-    /// # };
-    /// let queue = JobQueue::new(ring, QueueOptions::new(c"example", c"ring0", 4, None))?;
-    /// let done = queue.submit(queue.new_job(1, ())?)?;
-    /// // The run work hands the job to `Backend::run`, which writes it to the ring.
-    /// ran.wait_for_completion();
-    ///
-    /// // The oldest job on the ring times out now, from the queue's work.
-    /// queue.fault();
-    /// reset_asked.wait_for_completion();
-    ///
-    /// // The driver's reset work, once the ring is off the hardware.
-    /// let lost = last.lock().take();
-    /// if let Some(fence) = lost {
-    ///     fence.signal(Err(EIO));
-    /// }
-    /// queue.reset_done(Recovery::Cancel(EIO))?;
-    /// assert_eq!(done.status(), Some(Err(ETIMEDOUT)));
-    /// assert_eq!(queue.reset_done(Recovery::Continue), Err(EINVAL));
-    /// # Ok::<(), Error>(())
-    /// ```
-    pub fn reset_done(&self, recovery: Recovery) -> Result {
-        let recovering = self.inner.lock_recovery();
-        let guilty = self.inner.lock().reset_guilty.take().ok_or(EINVAL)?;
-        match recovering {
-            Recovering::Domain(mut members) => {
-                ResetDomain::resume_all(&mut members, &self.inner, recovery, guilty);
-            }
-            Recovering::Alone(_guard) => self.inner.resume(recovery, Some(guilty)),
-        }
-        Ok(())
-    }
-
-    /// Suspends the timeout, for example while the ring's group is not resident on a firmware
-    /// slot (drm_sched's `drm_sched_suspend_timeout()`): until [`JobQueue::resume_timeout`], no
-    /// timeout fires and the time does not count towards any job's timeout. Suspensions nest.
-    pub fn suspend_timeout(&self) {
-        self.inner.lock().pause_timeout();
-    }
-
-    /// Ends a [`JobQueue::suspend_timeout`] (drm_sched's `drm_sched_resume_timeout()`).
-    pub fn resume_timeout(&self) {
-        let runs = self.inner.lock().unpause_timeout();
-        if let (true, Some(timeout)) = (runs, self.inner.timeout) {
-            self.inner.arm_timeout(timeout);
-        }
-    }
-
-    /// Handles the oldest job on the hardware as timed out now, for example from a fault
-    /// interrupt (drm_sched's `drm_sched_fault()`): [`Backend::timed_out`] is called for it from
-    /// the queue's work, even if the timeout is suspended or the queue has none. Does nothing
-    /// while the queue is stopped. Can be called from any context.
-    pub fn fault(&self) {
-        self.inner.fault.store(true, ordering::Relaxed);
-        let _ = self
-            .inner
-            .timeout_wq()
-            .enqueue::<Arc<Inner<T>>, FAULT>(self.inner.clone());
-    }
-
     /// Returns the queue's counters.
     pub fn stats(&self) -> QueueStats {
         let proc = self.inner.lock();
@@ -2229,255 +1712,11 @@ impl<T: Backend> Drop for JobQueue<T> {
     }
 }
 
-/// A stopped [`JobQueue`]; resumes it when dropped, with [`Recovery::Continue`].
-pub struct StoppedQueue<'a, T: Backend> {
-    queue: &'a JobQueue<T>,
-    resumed: bool,
-}
-
-impl<T: Backend> StoppedQueue<'_, T> {
-    /// Resumes the queue, recovering the jobs that were on the hardware as `recovery` says.
-    ///
-    /// If the queue is stopped otherwise too (by another [`StoppedQueue`], or for a reset left
-    /// to the driver, [`TimeoutAction::ResetLater`]), it stays stopped, and its jobs are
-    /// recovered when the last stop ends, with the most drastic recovery asked for meanwhile:
-    /// [`Recovery::Cancel`] over [`Recovery::Resubmit`] over [`Recovery::Continue`]. Sleeps,
-    /// waiting for a timeout being handled to end; must not be called, nor the guard dropped,
-    /// from a [`Backend`] method.
-    pub fn resume(mut self, recovery: Recovery) {
-        self.resume_inner(recovery);
-    }
-
-    fn resume_inner(&mut self, recovery: Recovery) {
-        if self.resumed {
-            return;
-        }
-        self.resumed = true;
-        let _recovering = self.queue.inner.lock_recovery();
-        self.queue.inner.resume(recovery, None);
-    }
-}
-
-impl<T: Backend> Drop for StoppedQueue<'_, T> {
-    fn drop(&mut self) {
-        self.resume_inner(Recovery::Continue);
-    }
-}
-
-/// Queues that time out, stop and recover together: the rings of one device, or of one
-/// firmware group, that a reset takes down at once (amdgpu's reset domain, drm_sched's shared
-/// `timeout_wq`).
-///
-/// Its queues are made with [`JobQueue::new_in_domain`]. Their timeout and fault work run on
-/// the domain's workqueue, and their timeouts are handled one at a time. When a job of one of
-/// them times out, every queue of the domain is stopped first, as by [`JobQueue::stop`] (its
-/// jobs on the hardware detached from their hardware fences, its timeout paused), then
-/// [`Backend::timed_out`] is called for the job, and what it returns applies to the whole
-/// domain:
-///
-/// - [`TimeoutAction::NoHang`]: every queue resumes with [`Recovery::Continue`].
-/// - [`TimeoutAction::Reset`]`(recovery)`: every queue resumes with `recovery`; the timed-out
-///   job's done fence signals `-ETIMEDOUT`.
-/// - [`TimeoutAction::ResetLater`]: every queue stays stopped until the driver calls
-///   [`JobQueue::reset_done`] on the timed-out job's queue, which resumes them all with its
-///   recovery (or a more drastic one a resume asked for meanwhile: see
-///   [`StoppedQueue::resume`]).
-/// - [`TimeoutAction::DeviceGone`]: every queue ends its jobs with `-ENODEV` and takes no more.
-///
-/// Dropping a queue whose [`TimeoutAction::ResetLater`] is pending resumes the other queues
-/// with [`Recovery::Continue`] (or what a resume asked for meanwhile), with a warning: call
-/// [`JobQueue::reset_done`] first.
-///
-/// # Examples
-///
-/// ```
-/// use kernel::dma_fence::{DmaFence, FenceContext};
-/// use kernel::drm::jobqueue::{
-///     Backend, JobQueue, JobRef, QueueOptions, ResetDomain, TimeoutAction,
-/// };
-/// use kernel::sync::aref::ARef;
-///
-/// struct Ring {
-///     hw: FenceContext,
-/// }
-///
-/// impl Backend for Ring {
-///     type Job = ();
-///
-///     fn run(&self, _job: JobRef<'_, Self>) -> Result<ARef<DmaFence>> {
-///         let fence = self.hw.new_fence(GFP_NOWAIT)?;
-///         let shared = fence.to_aref();
-///         fence.signal(Ok(()));
-///         Ok(shared)
-///     }
-///
-///     fn timed_out(&self, _job: JobRef<'_, Self>) -> TimeoutAction {
-///         TimeoutAction::NoHang
-///     }
-///
-///     fn stop_hardware(&self) {}
-/// }
-///
-/// let domain = ResetDomain::new(c"example-device")?;
-/// let compute = JobQueue::new_in_domain(
-///     Ring { hw: FenceContext::new(c"example", c"compute-hw") },
-///     QueueOptions::new(c"example", c"compute", 8, None),
-///     &domain,
-/// )?;
-/// let copy = JobQueue::new_in_domain(
-///     Ring { hw: FenceContext::new(c"example", c"copy-hw") },
-///     QueueOptions::new(c"example", c"copy", 8, None),
-///     &domain,
-/// )?;
-/// compute.submit(compute.new_job(1, ())?)?.wait()?;
-/// copy.submit(copy.new_job(1, ())?)?.wait()?;
-/// # Ok::<(), Error>(())
-/// ```
-#[pin_data]
-pub struct ResetDomain<T: Backend> {
-    wq: Arc<FenceWorkqueue>,
-    /// The queues of the domain. The lock is taken before the queues' own locks, one at a
-    /// time, and is held across [`Backend::timed_out`]: the timeouts of the domain are handled
-    /// one at a time. Nothing allocates under it.
-    #[pin]
-    members: Mutex<Members<T>>,
-}
-
-/// The lock of [`Inner::lock_recovery`], held.
-enum Recovering<'a, T: Backend> {
-    Domain(MutexGuard<'a, Members<T>>),
-    Alone(MutexGuard<'a, ()>),
-}
-
-/// The queues of a [`ResetDomain`] and what they went through together.
-struct Members<T: Backend> {
-    list: KVec<Arc<Inner<T>>>,
-    /// A reset the driver completes later is pending: every queue is stopped by the domain.
-    stopped: bool,
-    /// The device is gone: every queue is dead.
-    gone: bool,
-}
-
-impl<T: Backend> ResetDomain<T> {
-    /// Creates an empty reset domain with an ordered workqueue of its own, named `name`.
-    pub fn new(name: &'static CStr) -> Result<Arc<Self>> {
-        Self::with_workqueue(Arc::new(FenceWorkqueue::new_ordered(name)?, GFP_KERNEL)?)
-    }
-
-    /// Creates an empty reset domain whose queues' timeout and fault work run on `wq`, for
-    /// example the workqueue the queues' other work runs on.
-    pub fn with_workqueue(wq: Arc<FenceWorkqueue>) -> Result<Arc<Self>> {
-        Arc::pin_init(
-            pin_init!(Self {
-                wq,
-                members <- Mutex::new(
-                    Members {
-                        list: KVec::new(),
-                        stopped: false,
-                        gone: false,
-                    },
-                    DOMAIN_LOCK_NAME,
-                    domain_lock_class()
-                ),
-            }),
-            GFP_KERNEL,
-        )
-    }
-
-    /// Returns the workqueue of the domain's timeout and fault work.
-    pub fn workqueue(&self) -> &Arc<FenceWorkqueue> {
-        &self.wq
-    }
-
-    /// Adds a queue. The list grows outside the lock, which is taken in signalling sections. A
-    /// queue that joins a stopped domain is stopped with it, one that joins a domain whose device
-    /// is gone is dead.
-    fn add(&self, member: Arc<Inner<T>>) -> Result {
-        let mut member = member;
-        loop {
-            let mut members = self.members.lock();
-            match members.list.push_within_capacity(member) {
-                Ok(()) => {
-                    if let Some(added) = members.list.last() {
-                        if members.gone {
-                            added.close(&mut added.lock());
-                        } else if members.stopped {
-                            added.stop();
-                        }
-                    }
-                    return Ok(());
-                }
-                Err(err) => member = err.0,
-            }
-            let want = members.list.capacity() * 2 + 4;
-            drop(members);
-            let mut bigger = KVec::with_capacity(want, GFP_KERNEL)?;
-            let mut members = self.members.lock();
-            if members.list.capacity() < want {
-                while let Some(m) = members.list.pop() {
-                    // Cannot fail: `bigger` has room for all of them.
-                    let _ = bigger.push_within_capacity(m);
-                }
-                core::mem::swap(&mut members.list, &mut bigger);
-            }
-            drop(members);
-            // The old list, empty, is freed here, without the lock.
-            drop(bigger);
-        }
-    }
-
-    /// Removes a queue that is being dropped. A reset of the queue's that the driver left
-    /// pending resumes the domain, with [`Recovery::Continue`]: the other queues recover their
-    /// jobs as their own resumes asked for meanwhile, if any (whoever asked for it said that
-    /// their ring lost them), and the queue itself recovers none ([`Inner::resume`]).
-    fn remove(&self, member: &Arc<Inner<T>>) {
-        let mut members = self.members.lock();
-        let found = members
-            .list
-            .iter()
-            .position(|m| Arc::ptr_eq(m, member))
-            .and_then(|i| members.list.remove(i).ok());
-        let pending = member.lock().reset_guilty.take();
-        if let Some(seqno) = pending {
-            crate::pr_warn!(
-                "drm_jobqueue: {}: dropped with a reset pending; resuming its domain\n",
-                member.name
-            );
-            Self::resume_all(&mut members, member, Recovery::Continue, seqno);
-            // The queue itself was taken out of the list: its stop is undone here.
-            member.resume(Recovery::Continue, None);
-        }
-        drop(members);
-        // Dropped without the lock.
-        drop(found);
-    }
-
-    /// Handles the timeout of job `seqno` of `guilty`, for the whole domain, with the domain's
-    /// lock held since the timeout was found and `guilty` stopped since.
-    fn timed_out(members: &mut Members<T>, guilty: &Arc<Inner<T>>, seqno: u64) {
-        match Inner::recover_timeout(&members.list, guilty, seqno) {
-            TimeoutAction::ResetLater => members.stopped = true,
-            TimeoutAction::DeviceGone => members.gone = true,
-            TimeoutAction::NoHang | TimeoutAction::Reset(_) => {}
-        }
-    }
-
-    /// Resumes every queue of `members`, the domain's, after the reset of `guilty`'s job `seqno`.
-    fn resume_all(
-        members: &mut Members<T>,
-        guilty: &Arc<Inner<T>>,
-        recovery: Recovery,
-        seqno: u64,
-    ) {
-        members.stopped = false;
-        Inner::resume_queues(&members.list, guilty, recovery, Some(seqno));
-    }
-}
-
 #[cfg(CONFIG_DRM_JOBQUEUE_KUNIT_TEST)]
 #[kunit_tests(drm_jobqueue_memory)]
 mod tests {
     use super::*;
+    use crate::drm::jobqueue::TimeoutAction;
 
     /// A backend whose jobs carry 32 bytes, as the benchmark's do.
     struct Payload32;

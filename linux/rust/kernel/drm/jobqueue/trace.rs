@@ -168,7 +168,8 @@ pub(super) fn queue_stop(name: &CStr, context: u64) {
     unsafe { drm_jobqueue_queue_stop(name.as_char_ptr(), context, c"stopped".as_char_ptr()) }
 }
 
-/// The queue was resumed with `recovery`.
+/// A stop of the queue ended, asking for `recovery`; the jobs are recovered only when the last
+/// stop ends (see the event in `include/trace/events/drm_jobqueue.h`).
 pub(super) fn queue_start(name: &CStr, context: u64, recovery: Recovery) {
     let what = match recovery {
         Recovery::Continue => c"resumed: continue",
