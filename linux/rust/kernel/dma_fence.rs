@@ -1685,8 +1685,9 @@ where
     }
 }
 
-/// The action of a [`ProxyFence`]: run the proxy's `ProxyHooks::followed`, then signal the
-/// proxy's fence with the source's result.
+/// The action of a [`ProxyFence`]: run the proxy's `ProxyHooks::followed`, signal the proxy's
+/// fence with the source's result, then run `ProxyHooks::after_signal` if `followed` asked for
+/// it.
 ///
 /// # Invariants
 ///
@@ -1723,7 +1724,9 @@ impl<H: ProxyHooks> CallbackKind for SignalProxy<H> {
             // runs its callbacks, which are kinds of this module. Dropping `fence` only puts a
             // reference: the proxy keeps another one.
             fence.signal(result);
-            // The hooks are still valid: the proxy is dropped only after this action returns.
+            // The hooks are still valid: the proxy's drop disarms the callback before it drops
+            // them, and disarming waits for this action, under the source's lock; when `arm` runs
+            // the action at once, its caller holds the proxy.
             if then {
                 hooks.after_signal(private::Token(()));
             }

@@ -2147,9 +2147,9 @@ mod tests {
     }
 
     /// A job's timeout counts from when the job before it finished, also when the retire work
-    /// retires more jobs than it takes in one hold of the queue's lock: here 16 jobs finish
-    /// together while the workqueue is held up, 250 ms into a 400 ms timeout, and the 17th,
-    /// handed to the ring with them, must not time out 400 ms after that.
+    /// retires more jobs than it takes in one hold of the queue's lock (`RETIRE_BATCH`, 16): here
+    /// 16 jobs finish together while the workqueue is held up, 250 ms into a 400 ms timeout, and
+    /// the 17th, handed to the ring with them, must not time out 400 ms after it was.
     #[test]
     fn timeout_counts_from_the_previous_job_after_a_full_retire_batch() -> Result {
         const JOBS: usize = 17;

@@ -59,8 +59,8 @@
 //! - The driver's payload is dropped in process context only, after the job finished and after
 //!   the credits it took are back and handed on: by the queue's drop work, on a workqueue that
 //!   all queues share, one at a time per queue, in batches (at the latest a tick after a job
-//!   retired, or when the queue runs out of jobs), or by the thread
-//!   that drops the queue. Nothing that runs jobs or signals their done fences waits for it,
+//!   retired, or when the queue runs out of jobs), or by the thread that drops the queue.
+//!   Nothing that runs jobs or signals their done fences waits for it,
 //!   so its `Drop` may sleep, allocate and wait for fences, those of later jobs of its own
 //!   queue included (a buffer's drop may wait for them through reclaim). It must not drop a
 //!   [`JobQueue`]: the drop work of every queue shares one lock class, and teardown waits for
@@ -212,12 +212,12 @@ pub const DONE_FENCE_LEVEL: u32 = 1;
 /// [`JobQueue::stop`] and resumes take: its [`ResetDomain`]'s in a domain)
 /// and inside a fence signalling critical section
 /// ([`SignallingSection`](crate::dma_fence::SignallingSection)): they must not allocate memory
-/// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, or call into any job queue (stop,
-/// drop, stats: the queues' locks share one lock class, so lockdep reports it as recursive
-/// locking). [`Backend::cancelled`] and [`Backend::stop_hardware`] are called in process context
-/// without the lock, outside any signalling section; [`Backend::cancelled`] from the drop work,
-/// which may run at the same time as the other methods, or from the thread that drops the
-/// queue.
+/// other than with `GFP_NOWAIT`/`GFP_ATOMIC`, wait for fences, take a lock that is held elsewhere
+/// around such an allocation or wait, or call into any job queue (stop, drop, stats: the queues'
+/// locks share one lock class, so lockdep reports it as recursive locking).
+/// [`Backend::cancelled`] and [`Backend::stop_hardware`] are called in process context without
+/// the lock, outside any signalling section; [`Backend::cancelled`] from the drop work, which may
+/// run at the same time as the other methods, or from the thread that drops the queue.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// The driver's data for one job.
     ///

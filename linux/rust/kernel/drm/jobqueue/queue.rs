@@ -7,18 +7,18 @@
 //! A queue has three locks. In the order they are taken:
 //!
 //! 1. The recovery lock, a mutex: held by the handling of a timeout from the stop of the queues
-//!    to their resume, and by whatever must not come in the middle of it (see
-//!    [`Inner::lock_recovery`]).
+//!    to their resume (or to the return of [`Backend::timed_out`] if it leaves the reset to the
+//!    driver), and by whatever must not come in the middle of it (see [`Inner::lock_recovery`]).
 //! 2. [`Inner::proc`], a mutex: [`Proc`], the jobs taken in, where the run and the release are,
 //!    and the queue's [`Life`] and stops. Taken only through [`Inner::lock`], and never by
 //!    [`JobQueue::submit`], job creation, the drop work or fence callbacks. [`Backend::run`],
 //!    [`Backend::timed_out`] and [`Backend::deadline`] are called with it held. The credits
-//!    ([`Inner::credits`]) are atomics under no lock; [`Proc`]'s invariants say who gives them
-//!    back.
+//!    ([`Inner::credits`]) are atomics under no lock: the hooks of a job's done fence give them
+//!    back, or whoever takes the job off the hardware otherwise ([`Proc`]'s invariants).
 //! 3. [`Inner::submitted`], a spinlock: [`Submitted`], the jobs submitted since the mutex was
 //!    last taken, the slots, [`Submitted::run_waits`] and the retired jobs on their way to the
-//!    drop work. Taken with or without the mutex, and never held while the mutex or the recovery
-//!    lock is taken.
+//!    drop work. Taken with or without the mutex; nothing takes the mutex or the recovery lock
+//!    while holding it.
 //!
 //! Then come fence locks and the workqueues' locks. Fence callbacks take none of the three:
 //! they only enqueue work ([`EnqueueWork`]), or signal a done fence ([`ProxyFence`]) and give
@@ -162,7 +162,8 @@ static SUBMIT_LOCK_NAME: &CStr = c"drm_jobqueue:submitted";
 /// preempted.
 const RUN_BATCH: u32 = 16;
 
-/// How many retired jobs the retire work takes out of the queue per hold of the lock.
+/// How many retired jobs the retire work takes out of the queue per hold of the lock. The test
+/// `timeout_counts_from_the_previous_job_after_a_full_retire_batch` fills one batch and one more.
 const RETIRE_BATCH: usize = 16;
 
 /// How many retired jobs wait for the drop work before it is kicked at once.
@@ -341,7 +342,9 @@ type Node<T> = Pin<KBox<JobNode<T>>>;
 ///   fence was released.
 /// - The credits in use of [`Inner::credits`] are those of the jobs in [`JobState::Running`]
 ///   whose [`JobHooks`] have not given them back: the hooks of a [`Link::Following`] job do so,
-///   without the mutex, when its hardware fence signals, before its done fence signals.
+///   without the mutex, when its hardware fence signals, before its done fence signals; a job
+///   that leaves [`JobState::Running`] otherwise gives them back as it leaves
+///   ([`Counters::leave`]).
 /// - `intake` is empty and has room for [`Submitted::slots`] jobs, unless [`Submitted::spare`]
 ///   holds its replacement.
 pub(super) struct Proc<T: Backend> {
@@ -371,9 +374,9 @@ pub(super) struct Proc<T: Backend> {
     /// The timed-out job of a reset the backend completes later
     /// ([`ResetLater`](super::TimeoutAction::ResetLater)).
     reset_later_job: Option<u64>,
-    /// The recovery asked for by the resumes since `stopped` was last 0, the most drastic one
-    /// ([`reset::more_drastic`]), and the timed-out job of a reset among them: the jobs are
-    /// recovered when the last stop ends ([`Inner::resume`]).
+    /// The recovery asked for by the resumes since `stopped` was last 0, the most drastic one, and
+    /// the timed-out job of a reset among them: the jobs are recovered when the last stop ends
+    /// ([`Inner::resume`]).
     pending_recovery: Recovery,
     pending_timed_out: Option<u64>,
     life: Life,
@@ -731,13 +734,19 @@ impl<T: Backend> Proc<T> {
 
     /// Counts the timeout of the oldest job, if it runs, from `now` at the latest: the job before
     /// it was just retired, so it started on the hardware by now (see [`Inner::oldest_running`]).
+    /// While the timeout is paused its clock stands at `paused_at`, which the end of the pause
+    /// moves on.
     fn restart_front(&mut self, now: Instant<Monotonic>) {
+        let restart = match self.paused_at {
+            Some(paused_at) if (paused_at - now).is_negative() => paused_at,
+            _ => now,
+        };
         let Some(node) = self.jobs.front_mut() else {
             return;
         };
         if let JobState::Running { started, .. } = node.as_mut().project().state {
-            if (*started - now).is_negative() {
-                *started = now;
+            if (*started - restart).is_negative() {
+                *started = restart;
             }
         }
     }
@@ -950,10 +959,8 @@ impl<T: Backend> Inner<T> {
 
     /// Allocates a callback that enqueues the queue's work item `ID` when its fence signals.
     ///
-    /// One function for the three callbacks of [`Proc`]: with a `KBox::pin_init()` for each in
-    /// [`JobQueue::create`], the compiler emitted an instance of it whose symbol, which spells
-    /// the callback's type, is longer than kallsyms takes (`KSYM_NAME_LEN`) for a backend
-    /// defined in a doctest.
+    /// One function for the three callbacks of [`Proc`], so that the symbols of the generic
+    /// code it calls stay within `KSYM_NAME_LEN` for a backend defined in a doctest.
     fn new_callback<const ID: u64>(
         self: &Arc<Self>,
     ) -> Result<Pin<KBox<FenceCallback<EnqueueWork<Self, ID>>>>>

@@ -5,10 +5,11 @@
 //! together.
 //!
 //! A queue stops (`Proc::stopped`) for each [`StoppedQueue`], for the handling of a timeout, and
-//! for a reset its backend completes later; while any stop is in force nothing runs, no timeout
-//! fires, and the jobs on the hardware are detached from their hardware fences. The end of the
+//! for a reset its backend completes later; while any stop is in force no job is handed to the
+//! hardware, no timeout fires, and the jobs on the hardware are detached from their hardware
+//! fences. The end of the
 //! last stop recovers them ([`Inner::resume`]). The handling of a timeout holds the recovery lock
-//! from the stop of the queues to their resume: see [`Inner::lock_recovery`].
+//! (see [`Inner::lock_recovery`]).
 
 use super::{
     end,
@@ -276,7 +277,7 @@ impl<T: Backend> Inner<T> {
     /// [`JobQueue::reset_done`], and a queue that joins or leaves a domain take it too, so that
     /// they do not come in the middle of it: a resume there would make the done fences follow
     /// their hardware fences again while the backend resets the ring. It is taken before the
-    /// queues' own locks, and nothing allocates under it.
+    /// queues' own locks, and nothing allocates with reclaim under it.
     fn lock_recovery(&self) -> Recovering<'_, T> {
         match &self.domain {
             Some(domain) => Recovering::Domain(domain.members.lock()),
