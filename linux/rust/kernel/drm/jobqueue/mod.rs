@@ -237,11 +237,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Stops the ring for good; called once, when the [`JobQueue`] is dropped.
     ///
-    /// Teardown first gives the jobs on the hardware one timeout (all together) to finish, then
-    /// calls this, and only then ends the jobs left: their done fences signal `-ECANCELED` (or
-    /// the result they already had, see the table in the [module documentation](self)) and their
-    /// payloads are dropped. So when this returns, the hardware must not touch any job
-    /// of the queue again, and the hardware fences of its jobs have signalled or never will
+    /// [Teardown](JobQueue#teardown) first gives the jobs on the hardware one timeout (all
+    /// together) to finish, then calls this, and only then ends the jobs left: their done fences
+    /// signal `-ECANCELED` (or the result they already had, see the table in the [module
+    /// documentation](self)) and their payloads are dropped. So when this returns, the hardware
+    /// must not touch any job of the queue again, and the hardware fences of its jobs have
+    /// signalled or never will
     /// (the role of drm_sched's `cancel_job`): take the ring off the hardware, wait for the
     /// firmware to confirm, or reset it. A ring whose device is gone has nothing to do.
     ///

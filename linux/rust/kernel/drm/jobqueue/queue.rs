@@ -1469,7 +1469,23 @@ impl<T: Backend> core::fmt::Debug for SubmitError<T> {
 
 /// A job queue for one firmware ring. See the [module documentation](super).
 ///
-/// Dropping it tears the queue down: see the module documentation for what happens to the jobs.
+/// # Teardown
+///
+/// Dropping the queue:
+///
+/// 1. stops the run and timeout work and removes the queue's callbacks from the fences it was
+///    waiting for, and leaves its reset domain: a reset of the queue's that the driver left to
+///    complete later resumes the domain's other queues; no recovery applies to this queue's
+///    jobs, not even the timed-out job's `-ETIMEDOUT`: they end as below;
+/// 2. waits for the jobs on the ring to finish, at most one timeout for all of them together (10
+///    seconds without a timeout);
+/// 3. calls [`Backend::stop_hardware`];
+/// 4. ends every job whose done fence has not signalled, in order: with the result it already
+///    had, successfully if its hardware fence signalled success, and otherwise with
+///    `-ECANCELED`;
+/// 5. waits for the drop work, then retires the jobs left in the dropping thread:
+///    [`Backend::cancelled`] where it applies, then the payload's `Drop`.
+///
 /// It must not be dropped from the queue's own workqueue, from a [`Backend`] method or from a
 /// payload's `Drop`: teardown waits for the queue's work items.
 pub struct JobQueue<T: Backend> {
@@ -1687,9 +1703,10 @@ impl<T: Backend> JobQueue<T> {
 }
 
 impl<T: Backend> Drop for JobQueue<T> {
+    /// The steps of [Teardown](JobQueue#teardown).
     fn drop(&mut self) {
         let inner = &self.inner;
-        // No more work: the run and timeout work return early from now on, and no dependency
+        // 1. No more work: the run and timeout work return early from now on, and no dependency
         // wakes them.
         let (dep_cb, release_cb) = {
             let mut proc = inner.lock();
@@ -1707,14 +1724,17 @@ impl<T: Backend> Drop for JobQueue<T> {
         inner.timeout_work.flush();
         inner.fault_work.flush();
 
+        // 2. One timeout for the jobs on the ring.
         inner.wait_for_ring();
-        // Then the backend stops the ring for good: the hardware fences that have not signalled
+        // 3. The backend stops the ring for good: the hardware fences that have not signalled
         // never will, and the jobs can end.
         inner.backend.stop_hardware();
+        // 4. The jobs left end.
         {
             let _section = SignallingSection::begin();
             inner.lock().finish_all(&inner.credits, ECANCELED);
         }
+        // 5. They are retired and dropped.
         inner.retire_all();
     }
 }
