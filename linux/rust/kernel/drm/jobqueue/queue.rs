@@ -313,8 +313,7 @@ enum Life {
     /// [`Submitted::closed`] refuses new jobs, and the jobs it had ended.
     Dead,
     /// Its [`JobQueue`] is being dropped: the run, timeout and deadline work return at once from
-    /// now on. Until it leaves its [`ResetDomain`], a reset of the domain still stops and resumes
-    /// it, but recovers none of its jobs ([`Inner::resume`]).
+    /// now on, and a resume recovers none of its jobs (see [`Inner::resume`]).
     Dying,
 }
 
@@ -947,7 +946,7 @@ impl<T: Backend> Inner<T> {
         if proc.life == Life::Alive {
             proc.life = Life::Dead;
         }
-        // INVARIANT: the caller holds the mutex, and `Proc::life` is not `Life::Alive`.
+        // INVARIANT: The caller holds the mutex, and `Proc::life` is not `Life::Alive`.
         self.submitted.lock().closed = true;
         self.take_submitted(proc);
     }
