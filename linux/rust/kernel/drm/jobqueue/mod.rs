@@ -60,11 +60,10 @@
 //!   the credits it took are back and handed on: by the queue's drop work, on a workqueue that
 //!   all queues share, one at a time per queue, in batches (at the latest a tick after a job
 //!   retired, or when the queue runs out of jobs), or by the thread that drops the queue.
-//!   Nothing that runs jobs or signals their done fences waits for it,
-//!   so its `Drop` may sleep, allocate and wait for fences, those of later jobs of its own
-//!   queue included (a buffer's drop may wait for them through reclaim). It must not drop a
-//!   [`JobQueue`]: the drop work of every queue shares one lock class, and teardown waits for
-//!   the drop work.
+//!   Nothing that runs jobs or signals their done fences waits for it, so its `Drop` may sleep,
+//!   allocate and wait for fences, those of later jobs of its own queue included (a buffer's
+//!   drop may wait for them through reclaim). It must not drop a [`JobQueue`]: the drop work of
+//!   every queue shares one lock class, and teardown waits for the drop work.
 //!
 //! # What the hardware may still use
 //!
@@ -242,9 +241,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// signal `-ECANCELED` (or the result they already had, see the table in the [module
     /// documentation](self)) and their payloads are dropped. So when this returns, the hardware
     /// must not touch any job of the queue again, and the hardware fences of its jobs have
-    /// signalled or never will
-    /// (the role of drm_sched's `cancel_job`): take the ring off the hardware, wait for the
-    /// firmware to confirm, or reset it. A ring whose device is gone has nothing to do.
+    /// signalled or never will (the role of drm_sched's `cancel_job`): take the ring off the
+    /// hardware, wait for the firmware to confirm, or reset it. A ring whose device is gone has
+    /// nothing to do.
     ///
     /// Called in process context, without the queue's lock: it may sleep, but must not wait for
     /// the done fences of any job queue or call into this one.

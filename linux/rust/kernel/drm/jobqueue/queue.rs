@@ -616,12 +616,22 @@ fn end<T: Backend>(
 ) {
     if released {
         finish(counters, node, outcome);
-        return;
+    } else {
+        take_off_hardware(counters, node, JobState::Ended(outcome));
     }
+}
+
+/// Takes a running job off the hardware into `state`, which counts as waiting: `Ended`, until
+/// its release, or `Waiting`, to run again. Its credits come back now.
+fn take_off_hardware<T: Backend>(
+    counters: &mut Counters<'_>,
+    node: Pin<&mut JobNode<T>>,
+    state: JobState<T>,
+) {
     let this = node.project();
     counters.leave(this.state, *this.credits);
     *counters.waiting += 1;
-    *this.state = JobState::Ended(outcome);
+    *this.state = state;
 }
 
 /// Drops the signalled dependencies of a waiting job, keeping the first error, and returns the

@@ -13,7 +13,7 @@
 
 use super::{
     end,
-    Counters,
+    take_off_hardware,
     Inner,
     JobNode,
     JobQueue,
@@ -90,7 +90,12 @@ impl<T: Backend> Proc<T> {
                         None
                     }
                     Recovery::Resubmit => {
-                        resubmit(&mut counters, node.as_mut());
+                        // It runs again, in order; its dependencies signalled before it ran.
+                        let again = JobState::Waiting {
+                            deps: KVec::new(),
+                            failed: None,
+                        };
+                        take_off_hardware(&mut counters, node.as_mut(), again);
                         resubmit_from.get_or_insert(seqno);
                         None
                     }
@@ -145,18 +150,6 @@ impl<T: Backend> Proc<T> {
         }
         true
     }
-}
-
-/// Takes a running job off the hardware, to be run again: it waits again, without dependencies,
-/// and its credits come back now.
-fn resubmit<T: Backend>(counters: &mut Counters<'_>, node: Pin<&mut JobNode<T>>) {
-    let this = node.project();
-    counters.leave(this.state, *this.credits);
-    *counters.waiting += 1;
-    *this.state = JobState::Waiting {
-        deps: KVec::new(),
-        failed: None,
-    };
 }
 
 /// The more drastic of two recoveries, `earlier` if they are as drastic: cancelling over
